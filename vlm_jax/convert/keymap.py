@@ -1,0 +1,135 @@
+"""Declarative checkpoint conversion: a key map of (our path, HF key, transform) rules over a per-layer view.
+
+Our parameter trees stack scanned layers on a leading axis; `Stack` rules describe how a stacked subtree
+unrolls into per-layer paths, so key maps are written per layer, like HF's, and do not care about scanning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from flax import traverse_util
+
+from vlm_jax.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Transform:
+    """to_ours(hf_array, our_shape) and to_hf(our_array); hf_shape(our_shape) checks shapes without data."""
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple], tuple]
+
+
+COPY = Transform(lambda a, s: a.reshape(s), lambda a: a, lambda s: s)
+# Tables HF keeps flat: (rows, A*B*...) <-> ours (rows, A, B, ...).
+FLATTEN_TAIL = Transform(lambda a, s: a.reshape(s), lambda a: a.reshape(a.shape[0], -1),
+                         lambda s: (s[0], math.prod(s[1:])))
+# torch Conv2d (O, I, kh, kw) <-> flax (kh, kw, I, O).
+CONV = Transform(lambda a, s: a.transpose(2, 3, 1, 0).reshape(s), lambda a: a.transpose(3, 2, 0, 1),
+                 lambda s: (s[3], s[2], s[0], s[1]))
+
+
+def linear(contract_dims: int = 1) -> Transform:
+    """torch Linear (out, in) <-> our kernel (*in_dims, *out_dims) with `contract_dims` input dims
+    (2 for attention output projections whose input is (heads, head_dim))."""
+    def split(s):
+        return math.prod(s[:contract_dims]), math.prod(s[contract_dims:])
+    return Transform(lambda a, s: a.T.reshape(s), lambda a: a.reshape(split(a.shape)).T,
+                     lambda s: split(s)[::-1])
+
+
+LINEAR, LINEAR_HEADS_IN = linear(1), linear(2)
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: str  # '/'-joined path in the per-layer view
+    hf: str
+    transform: Transform = COPY
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Our subtree `prefix` holds `count` layers stacked on axis 0; layer b is `layer_path(b)` per-layer."""
+    prefix: str
+    count: int
+    layer_path: Callable[[int], str]
+
+
+def flatten(tree) -> dict[str, object]:
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflatten(flat: dict[str, object]):
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _stack_of(path: str, stacks: list[Stack]) -> Stack | None:
+    return next((s for s in stacks if path.startswith(s.prefix)), None)
+
+
+def to_per_layer(flat: dict[str, np.ndarray], stacks: list[Stack]) -> dict[str, np.ndarray]:
+    out = {}
+    for path, arr in flat.items():
+        stack = _stack_of(path, stacks)
+        if stack is None:
+            out[path] = arr
+            continue
+        rest = path[len(stack.prefix):]
+        for b in range(stack.count):
+            out[stack.layer_path(b) + rest] = arr[b]
+    return out
+
+
+def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str, tuple]:
+    out = {}
+    for path, shape in shapes.items():
+        stack = _stack_of(path, stacks)
+        if stack is None:
+            out[path] = tuple(shape)
+        else:
+            out.update({stack.layer_path(b) + path[len(stack.prefix):]: tuple(shape[1:]) for b in range(stack.count)})
+    return out
+
+
+def from_per_layer(per_layer: dict[str, np.ndarray], shapes: dict[str, tuple], stacks: list[Stack]):
+    """Inverse of `to_per_layer`, driven by the target tree's (stacked) shapes."""
+    out = {}
+    for path in shapes:
+        stack = _stack_of(path, stacks)
+        if stack is None:
+            out[path] = per_layer[path]
+        else:
+            rest = path[len(stack.prefix):]
+            out[path] = np.stack([per_layer[stack.layer_path(b) + rest] for b in range(stack.count)])
+    return out
+
+
+def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tuple], dtype,
+               source: str) -> dict[str, np.ndarray]:
+    """Applies `rules` to HF tensors; every rule must find its key with the expected shape, and every HF
+    tensor must be used. `shapes` is our per-layer view's shapes."""
+    missing = [r.hf for r in rules if r.hf not in hf]
+    if missing:
+        raise ConversionError(f"{source}: {len(missing)} weights the config needs are missing, e.g. "
+                              f"'{missing[0]}'; the checkpoint does not match its config.json")
+    unused = sorted(set(hf) - {r.hf for r in rules})
+    if unused:
+        raise ConversionError(f"{source}: {len(unused)} weights are not part of this architecture, e.g. "
+                              f"'{unused[0]}'; check config.json's layer counts and model_type")
+    out = {}
+    for r in rules:
+        arr, shape = hf[r.hf], shapes[r.ours]
+        expected = tuple(r.transform.hf_shape(shape))
+        if tuple(arr.shape) != expected:
+            raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(arr.shape)} but config.json "
+                                  f"implies {expected}")
+        out[r.ours] = np.asarray(r.transform.to_ours(np.asarray(arr), shape), dtype=dtype)
+    return out
+
+
+def ours_to_hf(ours: dict[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, np.ndarray]:
+    return {r.hf: np.ascontiguousarray(r.transform.to_hf(np.asarray(ours[r.ours])).astype(dtype)) for r in rules}

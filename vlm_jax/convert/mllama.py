@@ -1,0 +1,243 @@
+"""MllamaForConditionalGeneration <-> CrossAttentionVLM: config mapping and the key map (hf_layouts.md A)."""
+from __future__ import annotations
+
+from vlm_jax.config import (MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig, deep_merge,
+                            load_model_config, to_dict)
+from vlm_jax.convert.keymap import CONV, COPY, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack
+from vlm_jax.errors import ConversionError
+from vlm_jax.models.text import layer_layout
+
+MODEL_TYPE = "mllama"
+
+VISION_LAYER = [
+    ("self_attn/q_proj/kernel", "self_attn.q_proj.weight", LINEAR),
+    ("self_attn/k_proj/kernel", "self_attn.k_proj.weight", LINEAR),
+    ("self_attn/v_proj/kernel", "self_attn.v_proj.weight", LINEAR),
+    ("self_attn/o_proj/kernel", "self_attn.o_proj.weight", LINEAR_HEADS_IN),
+    ("mlp/fc1/kernel", "mlp.fc1.weight", LINEAR),
+    ("mlp/fc1/bias", "mlp.fc1.bias", COPY),
+    ("mlp/fc2/kernel", "mlp.fc2.weight", LINEAR),
+    ("mlp/fc2/bias", "mlp.fc2.bias", COPY),
+    ("input_layernorm/scale", "input_layernorm.weight", COPY),
+    ("input_layernorm/bias", "input_layernorm.bias", COPY),
+    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),
+    ("post_attention_layernorm/bias", "post_attention_layernorm.bias", COPY),
+]
+VISION_GLOBAL_GATES = [("gate_attn", "gate_attn", COPY), ("gate_ffn", "gate_ffn", COPY)]
+
+VISION_TOP = [
+    ("patch_embedding/kernel", "patch_embedding.weight", CONV),
+    ("class_embedding", "class_embedding", COPY),
+    ("position_embedding", "gated_positional_embedding.embedding", COPY),
+    ("position_gate", "gated_positional_embedding.gate", COPY),
+    ("tile_position_embedding", "gated_positional_embedding.tile_embedding.weight", FLATTEN_TAIL),
+    ("pre_tile_embedding", "pre_tile_positional_embedding.embedding.weight", FLATTEN_TAIL),
+    ("pre_tile_gate", "pre_tile_positional_embedding.gate", COPY),
+    ("post_tile_embedding", "post_tile_positional_embedding.embedding.weight", FLATTEN_TAIL),
+    ("post_tile_gate", "post_tile_positional_embedding.gate", COPY),
+    ("layernorm_pre/scale", "layernorm_pre.weight", COPY),
+    ("layernorm_pre/bias", "layernorm_pre.bias", COPY),
+    ("layernorm_post/scale", "layernorm_post.weight", COPY),
+    ("layernorm_post/bias", "layernorm_post.bias", COPY),
+]
+
+TEXT_COMMON = [
+    ("input_layernorm/scale", "input_layernorm.weight", COPY),
+    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),
+    ("mlp/gate_proj/kernel", "mlp.gate_proj.weight", LINEAR),
+    ("mlp/up_proj/kernel", "mlp.up_proj.weight", LINEAR),
+    ("mlp/down_proj/kernel", "mlp.down_proj.weight", LINEAR),
+]
+TEXT_SELF = [(f"self_attn/{p}_proj/kernel", f"self_attn.{p}_proj.weight", LINEAR) for p in "qkv"] + [
+    ("self_attn/o_proj/kernel", "self_attn.o_proj.weight", LINEAR_HEADS_IN)]
+TEXT_CROSS = [(f"cross_attn/{p}_proj/kernel", f"cross_attn.{p}_proj.weight", LINEAR) for p in "qkv"] + [
+    ("cross_attn/o_proj/kernel", "cross_attn.o_proj.weight", LINEAR_HEADS_IN),
+    ("cross_attn/q_norm/scale", "cross_attn.q_norm.weight", COPY),
+    ("cross_attn/k_norm/scale", "cross_attn.k_norm.weight", COPY),
+    ("attn_gate", "cross_attn_attn_gate", COPY),
+    ("mlp_gate", "cross_attn_mlp_gate", COPY),
+]
+
+
+def rules(cfg: ModelConfig) -> list[Rule]:
+    v, t = cfg.vision, cfg.text
+    out = [Rule(f"vision/{o}", f"vision_model.{h}", tr) for o, h, tr in VISION_TOP]
+    for i in range(v.num_layers):
+        out += [Rule(f"vision/transformer/layers_{i}/{o}", f"vision_model.transformer.layers.{i}.{h}", tr)
+                for o, h, tr in VISION_LAYER]
+    for i in range(v.num_global_layers):
+        out += [Rule(f"vision/global_transformer/layers_{i}/{o}", f"vision_model.global_transformer.layers.{i}.{h}",
+                     tr) for o, h, tr in VISION_LAYER + VISION_GLOBAL_GATES]
+    out += [Rule("projector/kernel", "multi_modal_projector.weight", LINEAR),
+            Rule("projector/bias", "multi_modal_projector.bias", COPY),
+            Rule("text/embed_tokens/embedding", "language_model.model.embed_tokens.weight", COPY),
+            Rule("text/norm/scale", "language_model.model.norm.weight", COPY)]
+    for i in range(t.num_layers):
+        kind = TEXT_CROSS if i in t.cross_attention_layers else TEXT_SELF
+        out += [Rule(f"text/decoder/layer_{i}/{o}", f"language_model.model.layers.{i}.{h}", tr)
+                for o, h, tr in TEXT_COMMON + kind]
+    if not t.tie_word_embeddings:
+        out.append(Rule("text/lm_head/kernel", "language_model.lm_head.weight", LINEAR))
+    return out
+
+
+def stacks(cfg: ModelConfig) -> list[Stack]:
+    """How scanned subtrees unroll into the per-layer paths `rules` uses."""
+    if not cfg.scan_layers:
+        return []
+    v = cfg.vision
+    out = [Stack("vision/transformer/", v.num_layers, lambda b: f"vision/transformer/layers_{b}/"),
+           Stack("vision/global_transformer/", v.num_global_layers,
+                 lambda b: f"vision/global_transformer/layers_{b}/")]
+    repeats, period, _ = layer_layout(cfg)
+    if repeats > 1:
+        out += [Stack(f"text/decoder/layer_{j}/", repeats, lambda b, j=j: f"text/decoder/layer_{b * period + j}/")
+                for j in range(period)]
+    return out
+
+
+def normalize_hf_keys(tensors: dict) -> dict:
+    """Accepts the on-disk layout and the in-memory one of transformers >= 4.53 (`model.` prefixes)."""
+    out = {}
+    for k, a in tensors.items():
+        if k.startswith("model.language_model."):
+            k = "language_model.model." + k[len("model.language_model."):]
+        elif k == "lm_head.weight":
+            k = "language_model.lm_head.weight"
+        elif k.startswith("model."):
+            k = k[len("model."):]
+        out[k] = a
+    return out
+
+
+def _get(d: dict, key: str, where: str, default=None):
+    if key in d:
+        return d[key]
+    if default is not None:
+        return default
+    raise ConversionError(f"{where}: missing '{key}'")
+
+
+def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
+    tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    tw, vw = f"{where} text_config", f"{where} vision_config"
+    for section, act, expected in ((tw, tc.get("hidden_act", "silu"), "silu"),
+                                   (vw, vc.get("hidden_act", "gelu"), "gelu")):
+        if act != expected:
+            raise ConversionError(f"{section}: hidden_act '{act}' is not supported (Mllama uses '{expected}')")
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    rope_theta = tc.get("rope_theta", rope.get("rope_theta", TextConfig.rope_theta))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if rope_type == "default" else RopeScaling(
+        rope_type=rope_type, factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    eos = tc.get("eos_token_id", 128001)
+    defaults = MllamaVisionConfig()
+    data = {
+        "family": "mllama",
+        "image_token_index": hf.get("image_token_index", 128256),
+        "vision": {
+            "hidden_size": _get(vc, "hidden_size", vw, 1280),
+            "intermediate_size": _get(vc, "intermediate_size", vw, 5120),
+            "num_layers": _get(vc, "num_hidden_layers", vw, 32),
+            "num_global_layers": _get(vc, "num_global_layers", vw, 8),
+            "num_heads": vc.get("attention_heads", vc.get("num_attention_heads", 16)),
+            "num_channels": vc.get("num_channels", 3),
+            "image_size": vc.get("image_size", 448),
+            "patch_size": vc.get("patch_size", 14),
+            "max_num_tiles": vc.get("max_num_tiles", 4),
+            "norm_eps": vc.get("norm_eps", 1e-5),
+            "intermediate_layers_indices": vc.get("intermediate_layers_indices") or [3, 7, 15, 23, 30],
+            "supported_aspect_ratios": vc.get("supported_aspect_ratios") or defaults.supported_aspect_ratios,
+        },
+        "text": {
+            "vocab_size": tc.get("vocab_size", 128256),
+            "hidden_size": tc.get("hidden_size", 4096),
+            "intermediate_size": tc.get("intermediate_size", 14336),
+            "num_layers": tc.get("num_hidden_layers", 40),
+            "num_heads": tc.get("num_attention_heads", 32),
+            "num_kv_heads": tc.get("num_key_value_heads", 8),
+            "rms_norm_eps": tc.get("rms_norm_eps", 1e-5),
+            "rope_theta": float(rope_theta),
+            "rope_scaling": None if scaling is None else to_dict(scaling),
+            "max_position_embeddings": tc.get("max_position_embeddings", 131072),
+            "cross_attention_layers": tc.get("cross_attention_layers") or [3, 8, 13, 18, 23, 28, 33, 38],
+            "pad_token_id": tc.get("pad_token_id", 128004) if tc.get("pad_token_id") is not None else -1,
+            "bos_token_id": tc.get("bos_token_id", 128000),
+            "eos_token_id": eos if isinstance(eos, list) else [eos],
+            "tie_word_embeddings": tc.get("tie_word_embeddings", False),
+        },
+    }
+    v_out = vc.get("vision_output_dim")
+    data.update(overrides)
+    cfg = load_model_config(data)
+    if v_out is not None and v_out != cfg.vision.output_dim:
+        raise ConversionError(f"{vw}: vision_output_dim {v_out} != hidden_size * (1 + "
+                              f"len(intermediate_layers_indices)) = {cfg.vision.output_dim}")
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
+    """config.json in the transformers 4.x form (rope_scaling + rope_theta), readable by 4.45 through 5.x.
+    Fields of `base` (the imported config.json) that vlm_jax does not model are kept."""
+    out = deep_merge(base or {}, _config_to_hf(cfg, dtype))
+    out["text_config"].pop("rope_parameters", None)  # superseded by the 4.x rope_scaling we write
+    return out
+
+
+def _config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    v, t = cfg.vision, cfg.text
+    rope = None if t.rope_scaling is None else to_dict(t.rope_scaling)
+    eos = list(t.eos_token_id)
+    return {
+        "architectures": ["MllamaForConditionalGeneration"],
+        "model_type": MODEL_TYPE,
+        "image_token_index": cfg.image_token_index,
+        "torch_dtype": dtype,
+        "text_config": {
+            "model_type": "mllama_text_model",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "hidden_act": "silu",
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": rope,
+            "max_position_embeddings": t.max_position_embeddings,
+            "cross_attention_layers": list(t.cross_attention_layers),
+            "pad_token_id": t.pad_token_id if t.pad_token_id >= 0 else None,
+            "bos_token_id": t.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "torch_dtype": dtype,
+        },
+        "vision_config": {
+            "model_type": "mllama_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers,
+            "num_global_layers": v.num_global_layers,
+            "attention_heads": v.num_heads,
+            "num_channels": v.num_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "max_num_tiles": v.max_num_tiles,
+            "norm_eps": v.norm_eps,
+            "hidden_act": "gelu",
+            "intermediate_layers_indices": list(v.intermediate_layers_indices),
+            "supported_aspect_ratios": [list(a) for a in v.supported_aspect_ratios],
+            "vision_output_dim": v.output_dim,
+            "torch_dtype": dtype,
+        },
+    }
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+    t = cfg.text
+    eos = list(t.eos_token_id)
+    return {"bos_token_id": t.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": t.pad_token_id if t.pad_token_id >= 0 else None}

@@ -1,0 +1,140 @@
+"""Read and write safetensors (single file or sharded with an index) as numpy, bf16 included.
+
+Written here rather than through `safetensors.numpy` because that cannot represent bfloat16, and so that
+truncated or corrupt files are reported as one clear line instead of a deep traceback. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from vlm_jax.errors import ConversionError
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ConversionError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has "
+                                  f"{size}); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ConversionError(f"{path}: corrupt safetensors header; re-download it") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ConversionError(f"{path}: truncated safetensors file (tensors need {8 + n + end} bytes, file has "
+                              f"{size}); re-download it")
+    return header, 8 + n
+
+
+def read_file(path: str) -> dict[str, np.ndarray]:
+    """Memory-maps one file; arrays are read-only views."""
+    header, base = _read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in DTYPES:
+            raise ConversionError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        start, end = (base + int(o) for o in info["data_offsets"])
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if end - start != count * dtype.itemsize:
+            raise ConversionError(f"{path}: tensor '{name}' byte range does not match its shape; file is corrupt")
+        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+def read_dir(hf_dir: str) -> dict[str, np.ndarray]:
+    """All weights of a Hugging Face directory: sharded (index.json) or a single model.safetensors."""
+    index_path = os.path.join(hf_dir, INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConversionError(f"{index_path}: malformed index (needs a 'weight_map' object)") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(hf_dir, shard)
+            if not os.path.isfile(shard_path):
+                raise ConversionError(f"{shard_path}: shard named in {INDEX_NAME} is missing; re-download it")
+            tensors.update(read_file(shard_path))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ConversionError(f"{index_path}: {len(missing)} indexed tensors are absent from their shards, "
+                                  f"e.g. '{missing[0]}'")
+        return tensors
+    single = os.path.join(hf_dir, SINGLE_NAME)
+    if os.path.isfile(single):
+        return read_file(single)
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    if files:
+        tensors = {}
+        for f in files:
+            tensors.update(read_file(os.path.join(hf_dir, f)))
+        return tensors
+    pickled = [f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = (" (found pickled PyTorch weights, which are not loaded for safety; re-save them with "
+            "save_pretrained(..., safe_serialization=True))") if pickled else ""
+    raise ConversionError(f"{hf_dir}: no *.safetensors weights{hint}")
+
+
+def _write_file(path: str, tensors: dict[str, np.ndarray]):
+    header, offset = {}, 0
+    for name, arr in tensors.items():
+        header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)  # 8-byte aligned tensor data
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def write_dir(out_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 5 << 30):
+    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`."""
+    os.makedirs(out_dir, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        arr = tensors[name]
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        _write_file(os.path.join(out_dir, SINGLE_NAME), shards[0])
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_file(os.path.join(out_dir, fname), shard)
+        weight_map.update({k: fname for k in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,291 @@
+"""Shared building blocks: norms, RoPE (llama3 scaling), attention (GQA, masks, KV cache), MLPs, scanning.
+
+Parameters and large activations carry logical axis names only; `vlm_jax.sharding` maps them to the mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import RopeScaling
+
+Axes = tuple[str | None, ...]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str):
+    return DTYPES[name]
+
+
+def constrain(x, axes: Axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+def param(module: nn.Module, name: str, init, shape, axes: Axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """Dense layer contracting the last `contract_dims` input dims, with logically named kernel axes."""
+    features: int | Sequence[int]
+    kernel_axes: Axes
+    use_bias: bool = False
+    contract_dims: int = 1
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        n = self.contract_dims
+        in_shape = x.shape[-n:]
+        kernel = param(self, "kernel", self.kernel_init, (*in_shape, *features), self.kernel_axes, self.param_dtype)
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = param(self, "bias", nn.initializers.zeros, features, self.kernel_axes[n:], self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """w * (x * rsqrt(mean(x^2) + eps)) with the statistics in fp32, cast back before the weight."""
+    axis_name: str
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    axis_name: str
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None):
+    """Inverse frequencies, with Llama 3's piecewise wavelength scaling when configured."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None or scaling.rope_type == "default":
+        return inv
+    orig = scaling.original_max_position_embeddings
+    low_wavelen = orig / scaling.low_freq_factor
+    high_wavelen = orig / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * inv / scaling.factor + smooth * inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: (B, S, H, D); positions: (B, S)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def dot_product_attention(q, k, v, mask, *, impl: str = "xla"):
+    """Grouped-query attention. q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D); mask: bool broadcastable to
+    (B, 1, Sq, Sk) (True = attend) or None. Softmax in fp32. One entry point for every kernel choice."""
+    if impl != "xla":
+        raise NotImplementedError(f"attention_impl '{impl}'")
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, sq, hkv, hq // hkv, d)
+    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
+    return out.reshape(b, sq, hq, d)
+
+
+class KVCache(nn.Module):
+    """Decode-time cache of keys/values (B, max_len, Hkv, D) and the segment id of each cached slot.
+
+    The first call (prefill) sizes the cache from its input; later calls append one chunk at `index`.
+    """
+    @nn.compact
+    def __call__(self, k, v, segment_ids, positions):
+        initialised = self.has_variable("cache", "key")
+        key = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        value = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
+        pos = self.variable("cache", "positions", jnp.zeros, positions.shape, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if not initialised:  # init pass only allocates
+            return k, v, segment_ids, positions
+        i = index.value
+        key.value = jax.lax.dynamic_update_slice_in_dim(key.value, k, i, axis=1)
+        value.value = jax.lax.dynamic_update_slice_in_dim(value.value, v, i, axis=1)
+        seg.value = jax.lax.dynamic_update_slice_in_dim(seg.value, segment_ids.astype(jnp.int32), i, axis=1)
+        pos.value = jax.lax.dynamic_update_slice_in_dim(pos.value, positions.astype(jnp.int32), i, axis=1)
+        index.value = i + k.shape[1]
+        return key.value, value.value, seg.value, pos.value
+
+
+def causal_segment_mask(q_segments, q_positions, k_segments, k_positions):
+    """(B, 1, Sq, Sk): same packed segment, key not after query, key not padding (segment 0)
+    unless the query is padding too (so no row is empty)."""
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    causal = k_positions[:, None, :] <= q_positions[:, :, None]
+    return (same & causal)[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with optional RoPE, q/k RMS norms and a decode-time cache."""
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    embed_axis: str
+    heads_axis: str
+    kv_heads_axis: str
+    use_bias: bool = False
+    qk_norm_eps: float | None = None  # RMS norm over head_dim on q and k (Mllama cross-attention)
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+        self.q_proj = Linear((self.num_heads, self.head_dim), (self.embed_axis, self.heads_axis, "head_dim"), **kw)
+        self.k_proj = Linear((self.num_kv_heads, self.head_dim), (self.embed_axis, self.kv_heads_axis, "head_dim"), **kw)
+        self.v_proj = Linear((self.num_kv_heads, self.head_dim), (self.embed_axis, self.kv_heads_axis, "head_dim"), **kw)
+        self.o_proj = Linear(self.embed_dim, (self.heads_axis, "head_dim", self.embed_axis),
+                             contract_dims=2, **kw)
+        if self.qk_norm_eps is not None:
+            self.q_norm = RMSNorm("head_dim", self.qk_norm_eps, self.dtype, self.param_dtype)
+            self.k_norm = RMSNorm("head_dim", self.qk_norm_eps, self.dtype, self.param_dtype)
+
+    def project_q(self, x):
+        q = self.q_proj(x)
+        return self.q_norm(q) if self.qk_norm_eps is not None else q
+
+    def project_kv(self, x):
+        k = self.k_proj(x)
+        k = self.k_norm(k) if self.qk_norm_eps is not None else k
+        return k, self.v_proj(x)
+
+    def attend(self, q, k, v, mask):
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        out = dot_product_attention(q, k, v, mask, impl=self.attention_impl)
+        return self.o_proj(out)
+
+    def __call__(self, x, mask):
+        """Self-attention without RoPE (vision towers)."""
+        k, v = self.project_kv(x)
+        return self.attend(self.project_q(x), k, v, mask)
+
+
+class SwiGLU(nn.Module):
+    hidden: int
+    embed_axis: str = "embed"
+    mlp_axis: str = "mlp"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Linear(self.hidden, (self.embed_axis, self.mlp_axis), name="gate_proj", **kw)(x)
+        up = Linear(self.hidden, (self.embed_axis, self.mlp_axis), name="up_proj", **kw)(x)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return Linear(x.shape[-1], (self.mlp_axis, self.embed_axis), name="down_proj", **kw)(h)
+
+
+class GeluMLP(nn.Module):
+    hidden: int
+    embed_axis: str = "vision_embed"
+    mlp_axis: str = "vision_mlp"
+    approximate: bool = False  # exact erf gelu (Mllama, CLIP uses quick_gelu elsewhere)
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        h = Linear(self.hidden, (self.embed_axis, self.mlp_axis), name="fc1", **kw)(x)
+        h = nn.gelu(h, approximate=self.approximate)
+        return Linear(x.shape[-1], (self.mlp_axis, self.embed_axis), name="fc2", **kw)(h)
+
+
+# -------------------------------------------------------------------------------------------- depth
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack_layers(block_cls, *, length: int, layers_axis: str, remat_policy: str, scan: bool,
+                 static_argnums: tuple[int, ...] = ()):
+    """Returns a function building `length` repetitions of `block_cls` applied in sequence.
+
+    With `scan`, parameters are stacked on a leading axis named `layers_axis` and the body is traced once,
+    so compile time does not grow with depth. A block is `(carry, *broadcast) -> (carry, per_layer_output)`.
+    """
+    if remat_policy != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan,
+                             static_argnums=static_argnums)
+
+    def build(name: str, **block_kwargs):
+        if scan:
+            scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                              in_axes=nn.broadcast, length=length,
+                              metadata_params={nn.PARTITION_NAME: layers_axis})
+            return scanned(name=name, **block_kwargs)
+        return _Unrolled(block_cls, length, block_kwargs, name=name)
+
+    return build
+
+
+class _Unrolled(nn.Module):
+    """The unscanned twin of nn.scan: blocks `layers_0..layers_{n-1}`, outputs stacked like scan's."""
+    block_cls: type
+    length: int
+    block_kwargs: dict
+
+    @nn.compact
+    def __call__(self, carry, *args):
+        outputs = []
+        for i in range(self.length):
+            carry, out = self.block_cls(name=f"layers_{i}", **self.block_kwargs)(carry, *args)
+            outputs.append(out)
+        stacked = None if outputs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        return carry, stacked

@@ -1,0 +1,112 @@
+"""Mllama tiled ViT: per-tile patches, aspect-ratio (tile) embeddings, local layers with intermediate
+features, gated global layers. Semantics follow transformers' MllamaVisionModel (hf_layouts.md A2)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.config import ModelConfig
+from vlm_jax.models.layers import (Attention, GeluMLP, LayerNorm, constrain, dtype_of, param,
+                                   stack_layers)
+
+# HF applies layernorm_pre/post with the LayerNorm default eps, not config.norm_eps.
+_PRE_POST_EPS = 1e-5
+
+
+class VisionEncoderLayer(nn.Module):
+    """Pre-norm ViT layer; `gated` adds tanh gates on both residual branches (Mllama global layers)."""
+    config: ModelConfig
+    gated: bool = False
+    # Per-layer output for intermediate features: "output" of the layer, its "input" (HF <= 4.54), or "none".
+    emit: str = "none"
+
+    @nn.compact
+    def __call__(self, x, mask):
+        v = self.config.vision
+        kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
+        inputs = x
+        h = Attention(v.hidden_size, v.num_heads, v.num_heads, v.head_dim, "vision_embed", "vision_heads",
+                      "vision_heads", attention_impl=self.config.attention_impl, name="self_attn", **kw)(
+            LayerNorm("vision_embed", v.norm_eps, name="input_layernorm", **kw)(x), mask)
+        if self.gated:
+            h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])) * h
+        x = x + h
+        h = GeluMLP(v.intermediate_size, name="mlp", **kw)(
+            LayerNorm("vision_embed", v.norm_eps, name="post_attention_layernorm", **kw)(x))
+        if self.gated:
+            h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])) * h
+        x = constrain(x + h, ("batch", "vision_length", "act_embed"))
+        return x, {"input": inputs, "output": x, "none": None}[self.emit]
+
+
+def tile_attention_mask(aspect_ratio_mask, num_patches: int, padded: int):
+    """Only padding-query x padding-key pairs are masked; real tokens do see padded patches and tiles.
+
+    aspect_ratio_mask: (B*N, T) -> bool (B*N, 1, T*padded, T*padded), True = attend."""
+    valid_tile = aspect_ratio_mask.astype(bool)[:, :, None]
+    valid = valid_tile & (jnp.arange(padded) < num_patches)[None, None, :]
+    pad = ~valid.reshape(valid.shape[0], -1)
+    return ~(pad[:, :, None] & pad[:, None, :])[:, None]
+
+
+class MllamaVisionEncoder(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        """pixel_values (B, N, T, C, H, W); aspect_ratio_ids (B, N); aspect_ratio_mask (B, N, T).
+        Returns (B, N, T, P, hidden * (1 + K)) with the K intermediate features interleaved."""
+        cfg, v = self.config, self.config.vision
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        b, n, t, c, hgt, wid = pixel_values.shape
+        hv, p, num_ar = v.hidden_size, v.num_patches, len(v.supported_aspect_ratios) + 1
+        ar_ids = aspect_ratio_ids.reshape(b * n)
+
+        pixels = jnp.transpose(pixel_values.reshape(b * n * t, c, hgt, wid), (0, 2, 3, 1)).astype(dtype)
+        x = nn.Conv(hv, (v.patch_size, v.patch_size), strides=v.patch_size, padding="VALID", use_bias=False,
+                    dtype=dtype, param_dtype=pdtype, name="patch_embedding",
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                             (None, None, None, "vision_embed")))(pixels)
+        x = x.reshape(b * n, t, p - 1, hv)
+
+        def gate(name):
+            return jnp.tanh(param(self, name, nn.initializers.zeros, (1,), (None,), pdtype)).astype(dtype)
+
+        def tile_embedding(name, shape, axes):
+            table = param(self, name, nn.initializers.normal(0.02), (num_ar, *shape), (None, *axes), pdtype)
+            return table[ar_ids].astype(dtype)
+
+        x = x + tile_embedding("pre_tile_embedding", (t, 1, hv), (None, None, "vision_embed")) * gate(
+            "pre_tile_gate")
+        cls = param(self, "class_embedding", nn.initializers.normal(hv ** -0.5), (hv,), ("vision_embed",), pdtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b * n, t, 1, hv)), x], axis=2)
+        pos = param(self, "position_embedding", nn.initializers.normal(hv ** -0.5), (p, hv),
+                    (None, "vision_embed"), pdtype)
+        pos_gate = gate("position_gate")
+        x = x + (1 - pos_gate) * pos.astype(dtype)
+        x = x + pos_gate * tile_embedding("tile_position_embedding", (t, p, hv), (None, None, "vision_embed"))
+        x = LayerNorm("vision_embed", _PRE_POST_EPS, dtype, pdtype, name="layernorm_pre")(x)
+
+        padded = v.padded_num_patches
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - p), (0, 0))).reshape(b * n, t * padded, hv)
+        x = constrain(x, ("batch", "vision_length", "act_embed"))
+        mask = tile_attention_mask(aspect_ratio_mask.reshape(b * n, t), p, padded)
+
+        stack = dict(remat_policy=cfg.remat_policy, scan=cfg.scan_layers)
+        local = stack_layers(VisionEncoderLayer, length=v.num_layers, layers_axis="vision_layers", **stack)(
+            "transformer", config=cfg, emit=v.intermediate_layers_convention)
+        x, per_layer = local(x, mask)
+        # Selected states interleaved on channels: stack on a new last axis, then flatten (channel d*K + k).
+        inter = jnp.stack([per_layer[i] for i in v.intermediate_layers_indices], axis=-1)
+        inter = inter.reshape(b * n, t, padded, hv * len(v.intermediate_layers_indices))[:, :, :p]
+
+        x = LayerNorm("vision_embed", _PRE_POST_EPS, dtype, pdtype, name="layernorm_post")(x)
+        x = x.reshape(b * n, t, padded, hv)
+        x = x + tile_embedding("post_tile_embedding", (t, 1, hv), (None, None, "vision_embed")) * gate(
+            "post_tile_gate")
+        glob = stack_layers(VisionEncoderLayer, length=v.num_global_layers, layers_axis="vision_layers",
+                            **stack)("global_transformer", config=cfg, gated=True)
+        x, _ = glob(x.reshape(b * n, t * padded, hv), mask)
+        x = x.reshape(b * n, t, padded, hv)[:, :, :p]
+        out = jnp.concatenate([x, inter.astype(x.dtype)], axis=-1)
+        return out.reshape(b, n, t, p, v.output_dim)

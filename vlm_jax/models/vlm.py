@@ -1,0 +1,106 @@
+"""Composed vision-language models and their registry."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.config import ModelConfig
+from vlm_jax.models.layers import Linear, constrain, dtype_of
+from vlm_jax.models.text import DecoderInputs, TextDecoder
+from vlm_jax.models.vision import MllamaVisionEncoder
+
+MODELS: dict[str, type[nn.Module]] = {}
+
+
+def register_model(family: str):
+    def wrap(cls):
+        MODELS[family] = cls
+        return cls
+    return wrap
+
+
+def build_model(config: ModelConfig, decode: bool = False) -> nn.Module:
+    return MODELS[config.family](config, decode=decode)
+
+
+def cross_attention_masks(cross_attention_mask, tokens_per_tile: int):
+    """(B, S, N, T) 0/1 -> key mask (B, 1, S, N*T*P) and row mask (B, S, 1).
+
+    Rows that may see no image attend uniformly to every key (HF zeroes their bias rather than masking all),
+    and their cross-attention MLP output is zeroed by the row mask."""
+    b, s, n, t = cross_attention_mask.shape
+    allowed = jnp.repeat(cross_attention_mask.astype(bool), tokens_per_tile, axis=3).reshape(b, s, -1)
+    row_any = allowed.any(axis=-1, keepdims=True)
+    return (allowed | ~row_any)[:, None], row_any
+
+
+@register_model("mllama")
+class CrossAttentionVLM(nn.Module):
+    """Llama 3.2 Vision: tiled ViT -> linear projector -> keys/values of gated cross-attention layers."""
+    config: ModelConfig
+    decode: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.vision = MllamaVisionEncoder(cfg)
+        self.projector = Linear(cfg.text.hidden_size, ("vision_out", "embed"), use_bias=True,
+                                dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.text = TextDecoder(cfg, decode=self.decode)
+
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        """Projected vision tokens (B, N*T*P, H), ordered image, tile, patch."""
+        features = self.vision(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        b = features.shape[0]
+        return constrain(self.projector(features).reshape(b, -1, self.config.text.hidden_size),
+                         ("batch", "vision_length", "act_embed"))
+
+    def __call__(self, input_ids, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+                 cross_attention_mask=None, segment_ids=None, positions=None, return_hidden: bool = False):
+        """Inputs in transformers' Mllama layouts (pixel_values (B, N, T, C, H, W)); returns fp32 logits
+        (B, S, V), or the final normed hidden states with `return_hidden`.
+
+        segment_ids / positions describe packed rows (0 = padding); by default one causal segment per row.
+        In decode mode, positions must be given and vision states are computed once then read from the cache.
+        """
+        input_ids = jnp.asarray(input_ids)
+        b, s = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        cross_states = None
+        if pixel_values is not None:
+            cross_states = self.encode_images(jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
+                                              jnp.asarray(aspect_ratio_mask))
+        cross_mask = row_mask = None
+        if cross_attention_mask is not None:
+            cross_mask, row_mask = cross_attention_masks(jnp.asarray(cross_attention_mask),
+                                                         self.config.vision.num_patches)
+        inputs = DecoderInputs(jnp.asarray(positions), jnp.asarray(segment_ids), cross_states, cross_mask,
+                               row_mask)
+        return self.text(input_ids, inputs, return_hidden=return_hidden)
+
+
+def example_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, num_images: int = 1) -> dict:
+    """Smallest inputs that touch every parameter: used for init and abstract shapes."""
+    v = config.vision
+    t = v.max_num_tiles
+    return dict(
+        input_ids=jnp.zeros((batch, seq_len), jnp.int32),
+        pixel_values=jnp.zeros((batch, num_images, t, v.num_channels, v.image_size, v.image_size), jnp.float32),
+        aspect_ratio_ids=jnp.ones((batch, num_images), jnp.int32),
+        aspect_ratio_mask=jnp.ones((batch, num_images, t), jnp.int32),
+        cross_attention_mask=jnp.ones((batch, seq_len, num_images, t), jnp.int32),
+    )
+
+
+def init_params(model: nn.Module, rng, **input_kwargs):
+    """Boxed (logically partitioned) parameters; `nn.meta.unbox` them for plain arrays."""
+    inputs = example_inputs(model.config, **input_kwargs)
+    return model.init(rng, **inputs)["params"]
+
+
+def abstract_params(model: nn.Module):
+    """Parameter shapes/dtypes (with logical axes metadata) without allocating anything."""
+    import jax
+    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
