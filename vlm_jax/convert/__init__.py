@@ -4,7 +4,9 @@ One module per HF family provides a config mapping and a declarative key map (se
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -20,6 +22,10 @@ from vlm_jax.models.vlm import abstract_params, build_model
 
 FAMILIES = {mllama.MODEL_TYPE: mllama}  # HF model_type -> conversion module
 _BY_FAMILY = {"mllama": mllama}  # our ModelConfig.family -> conversion module
+
+
+def family_module(family: str):
+    return _BY_FAMILY[family]
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -58,7 +64,7 @@ def from_hf(hf_dir: str, **config_overrides):
     """Loads a Hugging Face safetensors directory; returns (model, params) with params as numpy arrays in the
     config's param_dtype. `config_overrides` set ModelConfig fields (e.g. dtype="float32", scan_layers=False)."""
     cfg = config_from_hf(hf_dir, **config_overrides)
-    family = _BY_FAMILY[cfg.family]
+    family = family_module(cfg.family)
     model = build_model(cfg)
     shapes = _shapes(model)
     stacks = family.stacks(cfg)
@@ -76,7 +82,7 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
     if dtype not in DTYPES:
         raise ConversionError(f"export dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     cfg = model.config
-    family = _BY_FAMILY[cfg.family]
+    family = family_module(cfg.family)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
     tensors = ours_to_hf(to_per_layer(flat, family.stacks(cfg)), family.rules(cfg), DTYPES[dtype])
     safetensors_io.write_dir(out_dir, tensors, max_shard_bytes)
@@ -87,4 +93,17 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
         json.dump(family.generation_config(cfg), f, indent=2)
 
 
-__all__ = ["from_hf", "to_hf", "config_from_hf", "read_hf_config", "FAMILIES"]
+def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
+    """Counts per component (the family's COMPONENTS regexes over per-layer paths) and in total, computed
+    from abstract shapes: nothing is allocated, so real sizes are cheap."""
+    family = family_module(model_config.family)
+    per_layer = per_layer_shapes(_shapes(build_model(model_config)), family.stacks(model_config))
+    counts = {label: 0 for label, _ in family.COMPONENTS}
+    for path, shape in per_layer.items():
+        label = next(label for label, pattern in family.COMPONENTS if re.match(pattern, path))
+        counts[label] += math.prod(shape)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+__all__ = ["from_hf", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module", "FAMILIES"]

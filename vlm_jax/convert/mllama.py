@@ -9,6 +9,17 @@ from vlm_jax.models.text import layer_layout
 
 MODEL_TYPE = "mllama"
 
+COMPONENTS = [  # (label, regex over per-layer parameter paths) for `vlm-jax info`; first match wins
+    ("vision.embeddings", r"vision/(patch_embedding|class_embedding|position_|tile_position_|pre_tile_|layernorm_pre)"),
+    ("vision.local_layers", r"vision/transformer/"),
+    ("vision.global_layers", r"vision/(global_transformer/|post_tile_|layernorm_post)"),
+    ("projector", r"projector/"),
+    ("text.embed_tokens", r"text/embed_tokens/"),
+    ("text.cross_attention_layers", r"text/decoder/layer_\d+/(cross_attn|attn_gate|mlp_gate)"),
+    ("text.self_attention_layers", r"text/(decoder|norm)/"),
+    ("text.lm_head", r"text/lm_head/"),
+]
+
 VISION_LAYER = [
     ("self_attn/q_proj/kernel", "self_attn.q_proj.weight", LINEAR),
     ("self_attn/k_proj/kernel", "self_attn.k_proj.weight", LINEAR),

@@ -29,12 +29,12 @@ class VisionEncoderLayer(nn.Module):
                       "vision_heads", attention_impl=self.config.attention_impl, name="self_attn", **kw)(
             LayerNorm("vision_embed", v.norm_eps, name="input_layernorm", **kw)(x), mask)
         if self.gated:
-            h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])) * h
+            h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])).astype(h.dtype) * h
         x = x + h
         h = GeluMLP(v.intermediate_size, name="mlp", **kw)(
             LayerNorm("vision_embed", v.norm_eps, name="post_attention_layernorm", **kw)(x))
         if self.gated:
-            h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])) * h
+            h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])).astype(h.dtype) * h
         x = constrain(x + h, ("batch", "vision_length", "act_embed"))
         return x, {"input": inputs, "output": x, "none": None}[self.emit]
 

@@ -1,0 +1,99 @@
+"""`vlm-jax <command>`: every command validates its inputs first; user mistakes print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+def _model_config(args):
+    from vlm_jax.config import load_config
+    if args.hf:
+        from vlm_jax.convert import config_from_hf
+        return config_from_hf(args.hf)
+    return load_config(args.config, args.overrides).model
+
+
+def cmd_info(args):
+    from vlm_jax.convert import parameter_counts
+    counts = parameter_counts(_model_config(args))
+    width = max(map(len, counts))
+    for label, n in counts.items():
+        print(f"{label:<{width}}  {n:>16,}")
+
+
+def cmd_import(args):
+    from vlm_jax.config import Config
+    from vlm_jax.convert import from_hf, read_hf_config
+    from vlm_jax.train import checkpoint
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
+    model, params = from_hf(args.hf, **_typed(overrides))
+    checkpoint.save_params(args.out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
+    print(f"imported {args.hf} -> {os.path.abspath(args.out)} (step 0)")
+
+
+def cmd_export(args):
+    from vlm_jax.convert import to_hf
+    from vlm_jax.models.vlm import build_model
+    from vlm_jax.train import checkpoint
+    if args.to != "hf":
+        raise_user(f"--to {args.to}: only 'hf' is supported")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    config, hf_config, step = checkpoint.read_meta(args.checkpoint)
+    params = checkpoint.restore_params(args.checkpoint)
+    to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
+    print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}")
+
+
+def _typed(overrides: dict[str, str]) -> dict:
+    import yaml
+    return {k: yaml.safe_load(v) for k, v in overrides.items()}
+
+
+def raise_user(message: str):
+    from vlm_jax.errors import UserError
+    raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm-jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameter counts per component, computed without allocating")
+    src = info.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a YAML config (model section)")
+    src.add_argument("--hf", help="a Hugging Face model directory")
+    info.add_argument("overrides", nargs="*", help="dotted.key=value overrides for --config")
+    info.set_defaults(func=cmd_info)
+
+    imp = sub.add_parser("import", help="Hugging Face directory -> vlm_jax (Orbax) checkpoint")
+    imp.add_argument("--hf", required=True)
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
+                     help="model config fields to set, e.g. dtype=float32 scan_layers=false")
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser("export", help="vlm_jax checkpoint -> Hugging Face directory")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--to", default="hf")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vlm_jax.errors import UserError
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"vlm-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Input-pipeline config, mounted at the root config as `data:`; `validate_data` checks it.
+
+Image geometry (tile side, mean/std, tiles per image for Mllama) belongs to the model and arrives in
+`InputSpec`; this config only says how to read, mix, shape and pack the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_jax.config import ConfigError
+
+SOURCE_KINDS = ("embedded", "jsonl", "tfds")
+IMAGE_OPS = ("mllama_tile", "catty_tile", "resize")
+TEMPLATES = ("simple", "llama3_vision")
+OVERFLOW = ("truncate", "drop")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "embedded"  # "embedded" | "jsonl" | "tfds"
+    # embedded: a task name (see `list_tasks`); tfds: the dataset name ("name" or "name:1.0.0");
+    # jsonl: a label used in logs.
+    name: str = "digits_qa"
+    path: str = ""  # jsonl: the .jsonl file; tfds: the TFDS data_dir
+    image_root: str = ""  # jsonl: folder that relative image paths resolve against ("" = the file's folder)
+    split: str = "train"  # embedded/tfds split ("train", "test", tfds slicing like "train[:90%]")
+    weight: float = 1.0  # relative share in the training mixture
+    size: int = 0  # embedded procedural tasks: examples in the split (0 = the task default)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    op: str = "mllama_tile"  # "mllama_tile" | "catty_tile" | "resize"
+    max_tiles: int = 4  # mllama_tile: must equal the model's max_num_tiles; catty_tile: grid budget
+    thumbnail: bool = True  # catty_tile: append a whole-image thumbnail when there is more than one tile
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    """One fixed batch shape, so the train step compiles once."""
+    batch_size: int = 8  # rows per process
+    seq_len: int = 512
+    max_images: int = 1  # image slots per row (unified models: one slot per tile or thumbnail)
+    overflow: str = "truncate"  # samples longer than seq_len: "truncate" or "drop" (both counted)
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    enabled: bool = False  # several samples per row, separated by segment ids (training only)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    num_workers: int = 0  # worker processes for decode/tile/tokenize; 0 = threads in this process
+    read_threads: int = 2  # threads per process (or worker) reading and preprocessing records
+    buffer_size: int = 8  # preprocessed examples buffered per worker
+    prefetch_batches: int = 2  # batches assembled ahead in a background thread (0 = none)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    eval_sources: tuple[SourceConfig, ...] = ()
+    tokenizer: str = ""  # a sentencepiece .model, an HF tokenizer.json, or a folder holding one
+    template: str = "simple"  # "simple" (own tokenizers) | "llama3_vision" (imported Llama 3.2 checkpoints)
+    image: ImageConfig = ImageConfig()
+    shapes: ShapeConfig = ShapeConfig()
+    packing: PackingConfig = PackingConfig()
+    workers: WorkerConfig = WorkerConfig()
+    seed: int = 0
+    max_bad_fraction: float = 0.01  # stop when more than this share of records is unusable
+    bad_fraction_min_records: int = 200  # ... judged only after this many records
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_source(s: SourceConfig, where: str):
+    _check(s.kind in SOURCE_KINDS, f"{where}.kind: '{s.kind}' is not one of {SOURCE_KINDS}")
+    _check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
+    _check(s.kind == "embedded" or bool(s.path),
+           f"{where}.path must be set for a {s.kind} source ({'the .jsonl file' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
+    _check(s.weight > 0, f"{where}.weight must be positive, got {s.weight}")
+    _check(s.size >= 0, f"{where}.size must be >= 0 (0 = task default), got {s.size}")
+
+
+def validate_data(cfg: DataConfig, where: str = "data"):
+    """Raises ConfigError (one line naming the key) for the first problem found."""
+    _check(len(cfg.sources) > 0, f"{where}.sources is empty; list at least one source")
+    for i, s in enumerate(cfg.sources):
+        _validate_source(s, f"{where}.sources[{i}]")
+    for i, s in enumerate(cfg.eval_sources):
+        _validate_source(s, f"{where}.eval_sources[{i}]")
+    _check(cfg.template in TEMPLATES, f"{where}.template: '{cfg.template}' is not one of {TEMPLATES}")
+    _check(cfg.image.op in IMAGE_OPS, f"{where}.image.op: '{cfg.image.op}' is not one of {IMAGE_OPS}")
+    _check(cfg.image.max_tiles > 0, f"{where}.image.max_tiles must be positive, got {cfg.image.max_tiles}")
+    for name in ("batch_size", "seq_len", "max_images"):
+        value = getattr(cfg.shapes, name)
+        _check(value > 0, f"{where}.shapes.{name} must be positive, got {value}")
+    _check(cfg.shapes.overflow in OVERFLOW, f"{where}.shapes.overflow: '{cfg.shapes.overflow}' is not one of {OVERFLOW}")
+    w = cfg.workers
+    _check(w.num_workers >= 0, f"{where}.workers.num_workers must be >= 0, got {w.num_workers}")
+    _check(w.read_threads > 0, f"{where}.workers.read_threads must be positive, got {w.read_threads}")
+    _check(w.buffer_size > 0, f"{where}.workers.buffer_size must be positive, got {w.buffer_size}")
+    _check(w.prefetch_batches >= 0, f"{where}.workers.prefetch_batches must be >= 0, got {w.prefetch_batches}")
+    _check(0 <= cfg.seed < 2**31, f"{where}.seed must be in [0, 2^31), got {cfg.seed}")
+    _check(0.0 <= cfg.max_bad_fraction <= 1.0,
+           f"{where}.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    _check(cfg.bad_fraction_min_records >= 1,
+           f"{where}.bad_fraction_min_records must be >= 1, got {cfg.bad_fraction_min_records}")

@@ -1,0 +1,35 @@
+"""What the model needs from the data: its family, image geometry and image-token conventions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("cross_attention", "unified")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    family: str = "cross_attention"  # "cross_attention" (Mllama) | "unified" (LLaVA, Idefics3)
+    image_size: int = 560  # tile side (Mllama, CATTY) or resized side (plain resize)
+    max_tiles: int = 4  # cross_attention: the model's max_num_tiles, the T axis of pixel_values
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    tokens_per_image: int = 0  # unified: tokens one image slot expands to
+    image_token_id: int | None = None  # when set, must equal the tokenizer's <|image|> id
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"InputSpec.family '{self.family}' is not one of {FAMILIES}")
+        if self.family == "unified" and self.tokens_per_image <= 0:
+            raise ValueError("InputSpec.tokens_per_image must be positive for the unified family")
+
+
+def input_spec_from_model(model_cfg) -> InputSpec:
+    """The InputSpec of a vlm_jax ModelConfig (Mllama family)."""
+    if model_cfg.family != "mllama":
+        raise ValueError(f"input_spec_from_model: family '{model_cfg.family}' has no mapping yet; "
+                         "build InputSpec(family='unified', ...) directly")
+    v = model_cfg.vision
+    return InputSpec("cross_attention", v.image_size, v.max_num_tiles, tuple(v.image_mean), tuple(v.image_std),
+                     image_token_id=model_cfg.image_token_index)

@@ -1,0 +1,169 @@
+"""Tokenizers behind one interface: sentencepiece models (load or train) and HF `tokenizer.json` files.
+
+`encode` never adds BOS/EOS (templates place special tokens by id); special-token strings inside the
+text are matched as single ids by both backends.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+# Special tokens of tokenizers trained here; user_defined_symbols make each a single id.
+IMAGE, BOS, EOS = "<|image|>", "<|begin_of_text|>", "<|end_of_text|>"
+USER, ASSISTANT, SYSTEM, EOT, PAD = "<|user|>", "<|assistant|>", "<|system|>", "<|eot|>", "<|pad|>"
+SPECIAL_TOKENS = (IMAGE, BOS, EOS, USER, ASSISTANT, SYSTEM, EOT, PAD)
+
+# Checkpoint tokenizers spell the pad token differently; the first one present wins.
+_PAD_CANDIDATES = (PAD, "<|finetune_right_pad_id|>", "<pad>", EOS)
+
+
+class Tokenizer:
+    """Common interface. Subclasses set `vocab_size` and implement the four primitives."""
+
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def special_id(self, token: str) -> int:
+        """Id of a special token the caller cannot work without; one-line error if absent."""
+        token_id = self.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer {self} has no token '{token}'; pick a template that matches this "
+                             f"tokenizer (data.template) or train one with train_sentencepiece")
+        return token_id
+
+    @property
+    def image_id(self) -> int:
+        return self.special_id(IMAGE)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        for token in _PAD_CANDIDATES:
+            if (token_id := self.token_to_id(token)) is not None:
+                return token_id
+        raise ValueError(f"tokenizer {self} has none of the pad tokens {_PAD_CANDIDATES}")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        import sentencepiece as spm
+        self._proto, self._name = model_proto, name
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.vocab_size()
+
+    def __getstate__(self):  # worker processes rebuild from the serialized model
+        return {"model_proto": self._proto, "name": self._name}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __repr__(self):
+        return f"SentencePieceTokenizer({self._name}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._sp.piece_to_id(token)
+        return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def save(self, path: str):
+        with open(path, "wb") as f:
+            f.write(self._proto)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` JSON file, e.g. the tokenizer.json shipped with a Llama 3.2 Vision checkpoint."""
+
+    def __init__(self, tokenizer_json: str, name: str = "tokenizer.json"):
+        from tokenizers import Tokenizer as _Tokenizer
+        self._json, self._name = tokenizer_json, name
+        self._tok = _Tokenizer.from_str(tokenizer_json)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __getstate__(self):
+        return {"tokenizer_json": self._json, "name": self._name}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __repr__(self):
+        return f"HFTokenizer({self._name}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A sentencepiece `.model`, an HF `tokenizer.json`, or a folder holding either."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model", "spm.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise ValueError(f"no tokenizer.json or tokenizer.model in {path}; point data.tokenizer at the file")
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer file not found: {path}; set data.tokenizer to a .model or tokenizer.json")
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            return HFTokenizer(f.read(), name=path)
+    with open(path, "rb") as f:
+        proto = f.read()
+    try:
+        return SentencePieceTokenizer(proto, name=path)
+    except RuntimeError:
+        raise ValueError(f"{path} is not a sentencepiece model (Llama 3 ships a tiktoken file under that name); "
+                         "use the checkpoint's tokenizer.json instead") from None
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | None = None,
+                        model_type: str = "bpe", byte_fallback: bool = True) -> SentencePieceTokenizer:
+    """Trains on `texts` with SPECIAL_TOKENS as single ids (ids 1..8 after <unk>); saves to `path` if given.
+
+    Digits are split into single tokens so numbers are spelled digit by digit; whitespace is kept as is
+    so decode(encode(x)) == x.
+    """
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        byte_fallback=byte_fallback, split_digits=True, character_coverage=1.0, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    tokenizer = SentencePieceTokenizer(model.getvalue(), name=path or "trained")
+    if path:
+        tokenizer.save(path)
+    return tokenizer

@@ -1,0 +1,81 @@
+"""Orbax checkpoints: one CheckpointManager directory, one step per subdirectory, named items.
+
+Items: `params` (always), `meta` (JSON: the run's full config and, for imported models, the original HF
+config.json), and whatever else the trainer adds (optimizer state, data iterator). A checkpoint written by
+`vlm-jax import` is step 0 with `params` + `meta`, so training, eval, generate and export read both alike.
+Restores go through an abstract target carrying the CURRENT mesh's shardings, so the device count may differ.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from vlm_jax.config import Config, from_dict, to_dict, validate
+from vlm_jax.errors import UserError
+
+PARAMS, META = "params", "meta"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def manager(directory: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
+            async_save: bool = False, item_names: tuple[str, ...] = (PARAMS, META), read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period,
+                                           enable_async_checkpointing=async_save, create=not read_only,
+                                           read_only=read_only)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=item_names)
+
+
+def meta_dict(config: Config, hf_config: dict | None = None, **extra) -> dict:
+    return {"config": to_dict(config), "hf_config": hf_config, **extra}
+
+
+def save_params(directory: str, params, config: Config, hf_config: dict | None = None, step: int = 0):
+    """Writes a params-only checkpoint (what `vlm-jax import` produces)."""
+    with manager(directory) as mgr:
+        mgr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
+                                                  META: ocp.args.JsonSave(meta_dict(config, hf_config))}))
+        mgr.wait_until_finished()
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """`path` is a manager directory (latest committed step) or one step directory inside it."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, PARAMS)):
+        return os.path.dirname(path), int(base)
+    with manager(path, read_only=True) as mgr:
+        step = mgr.latest_step()
+    if step is None:
+        raise CheckpointError(f"{path}: no complete checkpoint step found; pass a directory written by "
+                              "`vlm-jax train` or `vlm-jax import`")
+    return path, step
+
+
+def read_meta(path: str) -> tuple[Config, dict | None, int]:
+    directory, step = resolve(path)
+    with manager(directory, read_only=True) as mgr:
+        meta = mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    config = from_dict(Config, meta["config"])
+    validate(config)
+    return config, meta.get("hf_config"), step
+
+
+def restore_params(path: str, abstract_params=None):
+    """Params of a checkpoint. `abstract_params` (ShapeDtypeStructs with shardings) places them on the current
+    mesh; without it they come back as host-local arrays."""
+    directory, step = resolve(path)
+    with manager(directory, read_only=True) as mgr:
+        if abstract_params is None:
+            meta = mgr.item_metadata(step)[PARAMS]
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
+                    jax.devices()[0])), meta)
+        restored = mgr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))
+    return restored[PARAMS]
