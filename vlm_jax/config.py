@@ -198,6 +198,11 @@ def _coerce(value: Any, tp, where: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        try:  # YAML 1.1 reads exponents without a dot ("1e-6") as strings
+            if isinstance(value, str):
+                return float(value)
+        except ValueError:
+            pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

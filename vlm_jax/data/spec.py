@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_jax.data.tiling import supported_aspect_ratios
+
 FAMILIES = ("cross_attention", "unified")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,5 +33,9 @@ def input_spec_from_model(model_cfg) -> InputSpec:
         raise ValueError(f"input_spec_from_model: family '{model_cfg.family}' has no mapping yet; "
                          "build InputSpec(family='unified', ...) directly")
     v = model_cfg.vision
+    grids = supported_aspect_ratios(v.max_num_tiles)
+    if tuple(map(tuple, v.supported_aspect_ratios)) != grids:
+        raise ValueError(f"model.vision.supported_aspect_ratios must be {[list(g) for g in grids]} (the order the "
+                         "tiler numbers aspect_ratio_ids) for max_num_tiles={v.max_num_tiles}")
     return InputSpec("cross_attention", v.image_size, v.max_num_tiles, tuple(v.image_mean), tuple(v.image_std),
                      image_token_id=model_cfg.image_token_index)

@@ -1,0 +1,133 @@
+"""Two-way conversion with Hugging Face: bitwise round trips, config forms, layouts, sharding of files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import mllama_batch, torch_inputs
+from vlm_jax import cli
+from vlm_jax.convert import from_hf, to_hf
+from vlm_jax.convert.keymap import flatten
+from vlm_jax.convert.safetensors_io import read_dir, write_dir
+
+
+def _hf_config(path):
+    from transformers import MllamaConfig
+    d = MllamaConfig.from_pretrained(path).to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
+        d.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+            d[sub].pop(key, None)
+    return d
+
+
+def test_hf_to_ours_to_hf_is_bitwise(hf_mllama_dir, tmp_path):
+    hf_model, path = hf_mllama_dir
+    model, params = from_hf(path)
+    to_hf(model, params, str(tmp_path))
+    original, exported = read_dir(path), read_dir(str(tmp_path))
+    assert sorted(original) == sorted(exported)
+    for key in original:
+        assert original[key].dtype == exported[key].dtype, key
+        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    assert _hf_config(path) == _hf_config(str(tmp_path))
+
+
+def test_exported_dir_loads_in_transformers_and_matches(hf_mllama_dir, tmp_path):
+    from transformers import MllamaForConditionalGeneration
+    hf_model, path = hf_mllama_dir
+    model, params = from_hf(path, dtype="float32")
+    to_hf(model, params, str(tmp_path), max_shard_bytes=60_000)  # force several shards + index
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_scaling" in config["text_config"] and "rope_parameters" not in config["text_config"]
+    reloaded = MllamaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    batch = torch_inputs(mllama_batch())
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(**batch).logits.numpy(), hf_model(**batch).logits.numpy())
+
+
+def test_ours_to_hf_to_ours_is_bitwise(hf_mllama_dir, tmp_path):
+    _, path = hf_mllama_dir
+    for scan in (True, False):
+        model, params = from_hf(path, scan_layers=scan)
+        out = tmp_path / f"scan_{scan}"
+        to_hf(model, params, str(out))
+        _, again = from_hf(str(out), scan_layers=scan)
+        a, b = flatten(params), flatten(again)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reads_5x_rope_parameters_and_4x_rope_scaling(hf_mllama_dir, tmp_path):
+    """save_pretrained in 5.x writes rope_parameters; our export writes 4.x rope_scaling; both import alike."""
+    _, path = hf_mllama_dir
+    text_5x = json.loads(open(os.path.join(path, "config.json")).read())["text_config"]
+    assert "rope_parameters" in text_5x
+    model_5x, _ = from_hf(path)
+    to_hf(model_5x, from_hf(path)[1], str(tmp_path))
+    model_4x, _ = from_hf(str(tmp_path))
+    assert model_4x.config == model_5x.config
+    assert model_5x.config.text.rope_scaling.original_max_position_embeddings == 64
+
+
+def test_reads_in_memory_model_prefixed_layout(hf_mllama_dir, tmp_path):
+    """transformers >= 4.53 keeps `model.`-prefixed names in memory; a state_dict saved as-is imports too."""
+    hf_model, path = hf_mllama_dir
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in state)
+    write_dir(str(tmp_path), state)
+    with open(tmp_path / "config.json", "w") as f:
+        f.write(open(os.path.join(path, "config.json")).read())
+    _, from_memory_layout = from_hf(str(tmp_path))
+    _, from_disk_layout = from_hf(path)
+    for key, value in flatten(from_disk_layout).items():
+        np.testing.assert_array_equal(flatten(from_memory_layout)[key], value)
+
+
+def test_bfloat16_round_trip_is_bitwise(hf_mllama_dir, tmp_path):
+    from transformers import MllamaForConditionalGeneration
+    hf_model, _ = hf_mllama_dir
+    bf16_dir = tmp_path / "bf16"
+    MllamaForConditionalGeneration(hf_model.config).to(torch.bfloat16).save_pretrained(bf16_dir)
+    model, params = from_hf(str(bf16_dir))
+    to_hf(model, params, str(tmp_path / "out"), dtype="bfloat16")
+    original, exported = read_dir(str(bf16_dir)), read_dir(str(tmp_path / "out"))
+    for key in original:
+        assert str(exported[key].dtype) == "bfloat16"
+        np.testing.assert_array_equal(original[key].view(np.uint16), exported[key].view(np.uint16))
+
+
+def test_cli_import_export_round_trip(hf_mllama_dir, tmp_path):
+    _, path = hf_mllama_dir
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    assert cli.main(["import", "--hf", path, "--out", ckpt]) == 0
+    assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", out]) == 0
+    original, exported = read_dir(path), read_dir(out)
+    for key in original:
+        np.testing.assert_array_equal(original[key], exported[key])
+    assert _hf_config(path) == _hf_config(out)
+
+
+@pytest.mark.parametrize("name,expected_hf", [("llama32_11b_vision", 10_670_220_835),
+                                              ("llama32_90b_vision", 88_593_355_323)])
+def test_info_counts_equal_transformers_meta_model(name, expected_hf, capsys):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from vlm_jax.config import load_config
+    from vlm_jax.convert.mllama import config_to_hf
+    cfg = load_config(f"configs/models/{name}.yaml").model
+    hf = config_to_hf(cfg, "bfloat16")
+    with torch.device("meta"):
+        meta_model = MllamaForConditionalGeneration(MllamaConfig(
+            text_config=hf["text_config"], vision_config=hf["vision_config"],
+            image_token_index=hf["image_token_index"]))
+    hf_total = sum(p.numel() for p in meta_model.parameters())
+    assert hf_total == expected_hf
+    assert cli.main(["info", "--config", f"configs/models/{name}.yaml"]) == 0
+    total_line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("total")][0]
+    assert int(total_line.split()[-1].replace(",", "")) == hf_total

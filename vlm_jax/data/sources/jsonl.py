@@ -1,0 +1,88 @@
+"""JSONL records read in place: plain captions and LLaVA-style conversations.
+
+    {"image": "a.jpg", "text": "a cat on a mat"}
+    {"images": ["a.jpg"], "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                                            {"from": "gpt", "value": "A cat."}]}
+
+Image paths are resolved against `image_root` (default: the JSONL file's folder) and read only when the
+example is prepared, so a missing file costs one record, not the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from vlm_jax.data.bad_records import BadRecord
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def parse_record(line: bytes, image_root: str) -> dict:
+    """One JSONL line -> {"images": [path, ...], "turns": [(role, text), ...]}; BadRecord on any defect."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("invalid_utf8", f"byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord("bad_json", e.msg) from None
+    if not isinstance(obj, dict):
+        raise BadRecord("bad_json", "a line must hold a JSON object")
+    images = obj.get("images", [obj["image"]] if obj.get("image") else [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise BadRecord("bad_json", "'image' must be a path string, 'images' a list of them")
+    if "conversations" in obj:
+        turns = _conversation_turns(obj["conversations"])
+    elif isinstance(obj.get("text"), str):
+        turns = [("user", ""), ("assistant", obj["text"])]
+    else:
+        raise BadRecord("bad_json", "needs 'text' (a caption) or 'conversations'")
+    if not any(role == "assistant" and text.strip() for role, text in turns):
+        raise BadRecord("empty_text", "no non-empty caption or answer")
+    return {"images": [os.path.join(image_root, p) for p in images], "turns": turns}
+
+
+def _conversation_turns(conversations) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list):
+        raise BadRecord("bad_json", "'conversations' must be a list")
+    turns = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise BadRecord("bad_json", "each turn needs 'from' (human/gpt/system) and a string 'value'")
+        turns.append((_ROLES[turn["from"]], turn["value"]))
+    return turns
+
+
+class JsonlSource:
+    """Random access over the non-blank lines of a JSONL file (line offsets indexed once, read by pread)."""
+
+    def __init__(self, path: str, image_root: str = ""):
+        self.path = path
+        self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+        with open(path, "rb") as f:
+            data = f.read()
+        newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
+        starts = np.concatenate([[0], newlines + 1])
+        ends = np.concatenate([newlines, [len(data)]])
+        nonblank = [i for i, (s, e) in enumerate(zip(starts, ends)) if data[s:e].strip()]
+        self._starts, self._ends = starts[nonblank], ends[nonblank]
+        self._fd = None
+
+    def __getstate__(self):  # file descriptors do not cross process boundaries
+        return {**self.__dict__, "_fd": None}
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start, end = int(self._starts[index]), int(self._ends[index])
+        # pread is positional, so reader threads can share one descriptor.
+        return parse_record(os.pread(self._fd, end - start, start), self.image_root)
+
+    def __repr__(self):
+        return f"JsonlSource({self.path}, {len(self)} records)"
