@@ -8,9 +8,12 @@ Unusable records become markers rather than being filtered in the workers, which
 """
 from __future__ import annotations
 
+import atexit
 import sys
+import weakref
 
 import grain
+from absl import flags
 import numpy as np
 from grain.experimental import ThreadPrefetchDatasetIterator
 
@@ -112,6 +115,10 @@ class BatchIterator(grain.DatasetIterator):
         ds = grain.MapDataset.range(self._cursor.next, self._stream_length()).map(loader)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=w.read_threads, prefetch_buffer_size=w.buffer_size))
         if w.num_workers:
+            # Grain reads absl flags when starting workers; outside absl.app they are unparsed and the
+            # read raises. Marking them parsed keeps every flag at its default.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=w.num_workers,
                                                              per_worker_buffer_size=w.buffer_size))
         return iter(ds)
@@ -216,5 +223,13 @@ def build_pipeline(cfg: DataConfig, tokenizer: Tokenizer, spec: InputSpec, proce
     if state is not None:
         iterator.set_state(state)
     if cfg.workers.prefetch_batches:
-        return ThreadPrefetchDatasetIterator(iterator, cfg.workers.prefetch_batches)
+        iterator = ThreadPrefetchDatasetIterator(iterator, cfg.workers.prefetch_batches)
+    atexit.register(_close_if_alive, weakref.ref(iterator))
     return iterator
+
+
+def _close_if_alive(ref: weakref.ref):
+    """Closing before interpreter teardown stops worker processes and threads cleanly (grain's own
+    finalizer runs too late and prints tracebacks when an iterator was never closed)."""
+    if (iterator := ref()) is not None:
+        iterator.close()

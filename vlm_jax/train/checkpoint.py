@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import absl.logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -16,6 +17,10 @@ from vlm_jax.config import Config, from_dict, to_dict, validate
 from vlm_jax.errors import UserError
 
 PARAMS, META = "params", "meta"
+HANDLERS = {PARAMS: ocp.StandardCheckpointHandler, META: ocp.JsonCheckpointHandler}
+
+
+absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax logs every read-only open as a warning
 
 
 class CheckpointError(UserError):
@@ -24,10 +29,12 @@ class CheckpointError(UserError):
 
 def manager(directory: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
             async_save: bool = False, item_names: tuple[str, ...] = (PARAMS, META), read_only: bool = False):
+    """A CheckpointManager over `item_names` (handlers for other items: register them in HANDLERS)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period,
                                            enable_async_checkpointing=async_save, create=not read_only,
                                            read_only=read_only)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=item_names)
+    handlers = {name: HANDLERS[name]() for name in item_names if name in HANDLERS}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 def meta_dict(config: Config, hf_config: dict | None = None, **extra) -> dict:
