@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,tpu]"
 	touch $(STAMP)
 
+# The demo is a CPU job by design; pinning the platform also keeps libtpu (installed for `plan`) from probing.
 demo: $(STAMP)
-	$(PY) -m vlm_jax.demo
+	JAX_PLATFORMS=cpu $(PY) -m vlm_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -x --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

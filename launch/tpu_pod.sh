@@ -52,7 +52,7 @@ tarball="/tmp/vlm-jax-${name}.tar.gz"
 
 run() {
   if [[ "$dry_run" == 1 ]]; then
-    printf '%q ' "$@"; echo
+    printf '%q' "$1"; shift; printf ' %q' "$@"; echo
   else
     "$@"
   fi

@@ -59,3 +59,70 @@ def mllama_batch(seed: int = 0, seq_len: int = 16, tile: int = 28, max_tiles: in
 
 def torch_inputs(batch: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------- unified and contrastive families
+
+TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+                patch_size=7)
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY_TEXT_ENCODER = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16)
+
+
+def _perturb(model, seed: int):
+    """Random norms, biases and embeddings (HF initialises many to 0/1, which would hide layout bugs)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("bias", "embedding", "probe", "logit_scale")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tiny_llava(tower: str = "clip", seed: int = 0, **top):
+    """A random LlavaForConditionalGeneration with a CLIP or SigLIP tower."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              SiglipVisionConfig)
+    torch.manual_seed(seed)
+    vision = (CLIPVisionConfig if tower == "clip" else SiglipVisionConfig)(**TINY_VIT)
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**TINY_LLAMA), image_token_index=IMAGE_TOKEN - 1,
+                         **top)
+    return _perturb(LlavaForConditionalGeneration(config), seed)
+
+
+def tiny_idefics3(seed: int = 0):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+    torch.manual_seed(seed)
+    config = Idefics3Config(vision_config=TINY_VIT, text_config=TINY_LLAMA, image_token_id=IMAGE_TOKEN - 1,
+                            scale_factor=2)
+    return _perturb(Idefics3ForConditionalGeneration(config), seed)
+
+
+def tiny_dual_encoder(family: str, seed: int = 0):
+    """A random CLIPModel or SiglipModel; CLIP's eos id is the largest id so pooling looks it up."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    torch.manual_seed(seed)
+    text = dict(TINY_TEXT_ENCODER, bos_token_id=97, eos_token_id=98, pad_token_id=99)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(vision_config=TINY_VIT, text_config=text, projection_dim=16))
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=TINY_VIT, text_config=text))
+    return _perturb(model, seed)
+
+
+def unified_batch(tokens_per_image: int, seed: int = 0, num_slots: int = 2, seq_len: int = 40, side: int = 28,
+                  images_per_row=(2, 1), vocab: int = 127):
+    """Rows with `images_per_row` real images each (the rest of the slots all-zero padding), each image's
+    tokens as one contiguous run after some text."""
+    rng = np.random.default_rng(seed)
+    b = len(images_per_row)
+    ids = rng.integers(3, vocab - 1, size=(b, seq_len)).astype(np.int64)
+    pixels = np.zeros((b, num_slots, 3, side, side), np.float32)
+    for row, count in enumerate(images_per_row):
+        pixels[row, :count] = rng.standard_normal((count, 3, side, side))
+        for k in range(count):
+            start = 2 + k * (tokens_per_image + 2)
+            ids[row, start:start + tokens_per_image] = IMAGE_TOKEN - 1
+    return dict(input_ids=ids, pixel_values=pixels)

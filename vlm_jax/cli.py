@@ -47,6 +47,27 @@ def cmd_export(args):
     print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}")
 
 
+def cmd_train(args):
+    from vlm_jax.config import load_config
+    from vlm_jax.train.loop import train
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if not result.stopped_by_signal:
+        print(f"finished at step {int(result.state.step)}; checkpoints in {os.path.join(cfg.workdir, 'checkpoints')}")
+
+
+def cmd_plan(args):
+    # Compile targets come from libtpu's topology description; the host backend stays the CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from vlm_jax.config import load_config
+    from vlm_jax.plan import advice, plan
+    cfg = load_config(args.config, args.overrides)
+    reports = plan(cfg, args.topology, args.mfu, tuple(args.stage or ()))
+    misfits = [r.stage for r in reports if not r.fits]
+    if misfits:
+        raise_user(f"stage(s) {', '.join(misfits)} do not fit on {args.topology}; try {advice(cfg)}")
+
+
 def _typed(overrides: dict[str, str]) -> dict:
     import yaml
     return {k: yaml.safe_load(v) for k, v in overrides.items()}
@@ -81,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     exp.set_defaults(func=cmd_export)
+
+    trn = sub.add_parser("train", help="train (or resume, when workdir holds a checkpoint)")
+    trn.add_argument("--config", required=True, help="a YAML config (model, mesh, train, workdir)")
+    trn.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. workdir=/tmp/run train.steps=100")
+    trn.set_defaults(func=cmd_train)
+
+    pln = sub.add_parser("plan", help="compile the train step for a Cloud TPU slice on this machine; memory, "
+                                      "FLOPs, step time (needs pip install -e '.[tpu]')")
+    pln.add_argument("--config", required=True)
+    pln.add_argument("--topology", required=True, help="a slice name: v5p-64, v5e-256, v6e-64, v4-128, ...")
+    pln.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for step time")
+    pln.add_argument("--stage", nargs="*", help="plan only these recipe stages (default: every stage)")
+    pln.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pln.set_defaults(func=cmd_plan)
     return p
 
 

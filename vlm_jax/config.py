@@ -8,12 +8,13 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from vlm_jax.errors import ConfigError
+from vlm_jax.data.config import DataConfig, validate_data  # after ConfigError: data/ imports it back
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -84,6 +85,7 @@ class TextConfig:
     bos_token_id: int = 128000
     eos_token_id: tuple[int, ...] = (128001, 128008, 128009)
     tie_word_embeddings: bool = False
+    extra_embeddings: int = 8  # learnable rows after the vocabulary (Mllama's `<|image|>`); 0 for LLaVA/Idefics3
 
     @property
     def head_dim(self) -> int:
@@ -105,10 +107,89 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class ViTConfig:
+    """A CLIP or SigLIP ViT (one module; `kind` selects the published architecture's structural details)."""
+    # "clip": class token, pre-layernorm (`pre_layrnorm`), patch conv without bias, pooled at the class token.
+    # "siglip": no class token, patch conv with bias, pooled by an attention head (if `pooling_head`).
+    kind: str = "clip"
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 336
+    patch_size: int = 14
+    norm_eps: float = 1e-5  # CLIP 1e-5, SigLIP 1e-6
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (CLIP), "gelu_pytorch_tanh" (SigLIP), "gelu"
+    pooling_head: bool = False  # SigLIP's attention-pooling head; kept as parameters even where unused (LLaVA)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def class_token(self) -> bool:
+        return self.kind == "clip"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.patches_per_side ** 2 + int(self.class_token)
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Vision features -> text embeddings, for the unified (LLaVA/Idefics3/POINTS) families."""
+    kind: str = "mlp"  # a registered connector: "mlp", "pixel_shuffle", "perceiver", "dual_mlp"
+    # Hidden states to take from the tower: 0 = embeddings, i = output of layer i-1, negative counts from the
+    # end (-1 = last layer, before post_layernorm). Several are concatenated on channels. Empty = the
+    # post-layernormed last layer (Idefics3).
+    feature_layers: tuple[int, ...] = (-2,)
+    feature_strategy: str = "default"  # "default" drops the class token, "full" keeps every token
+    hidden_act: str = "gelu"  # mlp / dual_mlp
+    bias: bool = True  # mlp / dual_mlp
+    scale_factor: int = 2  # pixel_shuffle: s x s patches become one token
+    num_latents: int = 64  # perceiver
+    num_layers: int = 3  # perceiver
+    num_heads: int = 16  # perceiver
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The text tower of a contrastive dual encoder (CLIP: causal, pooled at eos; SigLIP: bidirectional,
+    pooled at the last token)."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_layers: int = 12
+    num_heads: int = 8
+    max_position_embeddings: int = 77
+    norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    eos_token_id: int = 49407  # CLIP pools at the first eos (at argmax(ids) when 2, as old checkpoints)
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    projection_dim: int = 512  # CLIP's shared embedding width; SigLIP's text head output (= hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    family: str = "mllama"
+    family: str = "mllama"  # one of FAMILIES
     vision: MllamaVisionConfig = MllamaVisionConfig()
     text: TextConfig = TextConfig()
+    vit: ViTConfig | None = None  # CLIP/SigLIP tower of the llava, idefics3, clip and siglip families
+    ocr_vit: ViTConfig | None = None  # POINTS' second (OCR) tower, merged by the "dual_mlp" connector
+    connector: ConnectorConfig = ConnectorConfig()
+    text_encoder: TextEncoderConfig | None = None  # clip / siglip text tower
+    logit_scale_init: float = 2.6592  # log(1/0.07); SigLIP uses log(10)
+    logit_bias_init: float = -10.0  # SigLIP only
     image_token_index: int = 128256
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
@@ -135,6 +216,105 @@ class MeshConfig:
     rules: str = "fsdp"  # a preset name in configs/mesh/ or a path to a YAML rule table
 
 
+
+# --------------------------------------------------------------------------------------------- train
+
+NO_DECAY_DEFAULT = (r".*/bias", r".*norm[^/]*/scale", r"(.*/)?[a-z_]*gate(_attn|_ffn)?", r"(.*/)?[a-z_]*embedding")
+
+
+@dataclass(frozen=True)
+class LrGroup:
+    pattern: str = ""  # regex over parameter paths ("vision/.*"); the first matching group wins
+    learning_rate: float = 0.0  # peak learning rate for the group (same schedule shape as the stage)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "cosine"  # after linear warmup: "cosine" | "linear" decay to final_fraction, or "constant"
+    learning_rate: float = 1e-4  # peak learning rate of parameters in no lr_group
+    warmup_steps: int = 0
+    final_fraction: float = 0.1  # end of decay as a fraction of the peak
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW), scaled by the learning rate
+    no_decay: tuple[str, ...] = NO_DECAY_DEFAULT  # regexes (full match) exempt from weight decay
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+    lr_groups: tuple[LrGroup, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    max_to_keep: int = 3  # most recent committed steps kept
+    keep_every: int = 0  # additionally keep every K-th step forever; 0 = none
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """In-memory batches with the training batch structure; stands in until the Grain pipeline is mounted."""
+    seq_len: int = 32
+    num_images: int = 1
+    num_tiles: int = 1  # tiles per image: the "resolution" knob of a tiled encoder
+    delay_s: float = 0.0  # emulated input latency per batch (benchmarks; lets tests kill a run mid-flight)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One recipe stage; fields left unset inherit the `train:` values."""
+    name: str = ""
+    steps: int = 0
+    trainable: tuple[str, ...] | None = None
+    frozen: tuple[str, ...] | None = None
+    schedule: ScheduleConfig | None = None
+    lr_groups: tuple[LrGroup, ...] | None = None
+    reset_optimizer: bool = False  # fresh optimizer state (always the case when the trainable set changes)
+    synthetic: SyntheticDataConfig | None = None
+    data: Any = None  # data-mix overrides for this stage, read by the data pipeline
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # single-stage runs: total steps (> 0). Recipes: stop at this global step (0 = all stages)
+    batch_size: int = 8  # global batch
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many sequential microbatches
+    trainable: tuple[str, ...] = (".*",)  # regexes (full match) over parameter paths
+    frozen: tuple[str, ...] = ()  # regexes subtracted from `trainable`
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss_chunk: int = 256  # sequence positions per cross-entropy chunk (bounds the logits held at once)
+    z_loss: float = 0.0  # weight of mean(logsumexp^2)
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (each skipped) before stopping
+    eval_every: int = 0  # 0 disables
+    eval_batches: int = 2
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = look up by device kind (CPU: a nominal number)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    stages: tuple[StageConfig, ...] = ()
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runtime. "auto" initialises jax.distributed when the environment says there are several
+    processes (TPU VM pod workers, a SLURM job with several tasks); "explicit" uses the fields below."""
+    mode: str = "auto"  # "auto" | "explicit" | "off"
+    coordinator_address: str = ""  # host:port of process 0 (explicit mode)
+    num_processes: int = 1
+    process_id: int = 0
+    initialization_timeout_s: int = 300
+
+
 # -------------------------------------------------------------------------------------------- root
 
 
@@ -142,6 +322,15 @@ class MeshConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    train: TrainConfig = TrainConfig()
+    # Input pipeline. `data.sources` empty (the default) = synthetic batches (train.synthetic, train.batch_size).
+    # With sources, training reads the Grain pipeline and the GLOBAL batch is data.shapes.batch_size (rows per
+    # process) x the process count, of data.shapes.seq_len tokens; train.batch_size and train.synthetic are then
+    # not used (train.microbatches must divide the global batch). Stages whose `data` is a mapping deep-merge it
+    # into this section for that stage. data.tokenizer "" with embedded sources: a sentencepiece tokenizer is
+    # trained once on the embedded tasks' texts and kept as <workdir>/tokenizer.model.
+    data: DataConfig = DataConfig(sources=())
     seed: int = 0
     workdir: str = ""
 
@@ -292,6 +481,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | None = None, overrides: list[str] = (), cls=Config):
     data = _read_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
+    if cls is Config and isinstance(data.get("data"), dict) and "sources" not in data["data"]:
+        data["data"] = {**data["data"], "sources": []}  # the root default: no sources (synthetic batches)
     cfg = from_dict(cls, data)
     validate(cfg)
     return cfg
@@ -311,9 +502,71 @@ def _check(ok: bool, message: str):
         raise ConfigError(message)
 
 
+FAMILIES = ("mllama", "llava", "idefics3", "clip", "siglip")
+UNIFIED_FAMILIES = ("llava", "idefics3")
+CONTRASTIVE_FAMILIES = ("clip", "siglip")
+_VIT_KINDS = ("clip", "siglip")
+_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
+_CONNECTORS = ("mlp", "pixel_shuffle", "perceiver", "dual_mlp")
+
+
+def _validate_vit(v: ViTConfig, where: str):
+    _check(v.kind in _VIT_KINDS, f"{where}.kind: '{v.kind}' is not one of {_VIT_KINDS}")
+    _check(v.hidden_act in _ACTIVATIONS, f"{where}.hidden_act: '{v.hidden_act}' is not one of {_ACTIVATIONS}")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size", "image_size"):
+        _check(getattr(v, name) > 0, f"{where}.{name} must be positive, got {getattr(v, name)}")
+    _check(v.hidden_size % v.num_heads == 0, f"{where}.num_heads ({v.num_heads}) must divide hidden_size")
+    _check(v.image_size % v.patch_size == 0, f"{where}.patch_size ({v.patch_size}) must divide image_size")
+
+
+def _validate_unified(m: ModelConfig):
+    c = m.connector
+    _check(m.vit is not None, f"model.vit must be set for family '{m.family}'")
+    _validate_vit(m.vit, "model.vit")
+    _check(not m.text.cross_attention_layers,
+           f"model.text.cross_attention_layers must be [] for family '{m.family}' (image tokens are embedded)")
+    _check(c.kind in _CONNECTORS, f"model.connector.kind: '{c.kind}' is not one of {_CONNECTORS}")
+    _check(c.feature_strategy in ("default", "full"),
+           f"model.connector.feature_strategy: '{c.feature_strategy}' is not 'default' or 'full'")
+    _check(c.hidden_act in _ACTIVATIONS, f"model.connector.hidden_act: '{c.hidden_act}' is not one of {_ACTIVATIONS}")
+    for i in c.feature_layers:
+        _check(-m.vit.num_layers - 1 <= i <= m.vit.num_layers,
+               f"model.connector.feature_layers: {i} is out of range for {m.vit.num_layers} layers")
+    if c.kind == "pixel_shuffle":
+        side = m.vit.patches_per_side
+        _check(c.scale_factor > 0 and side % c.scale_factor == 0 and not m.vit.class_token,
+               f"model.connector.scale_factor ({c.scale_factor}) must divide the {side}x{side} patch grid "
+               "of a tower without a class token")
+    if c.kind == "dual_mlp":
+        _check(m.ocr_vit is not None, "model.ocr_vit must be set for connector 'dual_mlp'")
+        _validate_vit(m.ocr_vit, "model.ocr_vit")
+        _check((m.ocr_vit.hidden_size, m.ocr_vit.num_tokens) == (m.vit.hidden_size, m.vit.num_tokens),
+               "model.ocr_vit must give as many tokens of the same width as model.vit (features are averaged)")
+    if c.kind == "perceiver":
+        _check(c.num_latents > 0 and m.text.hidden_size % c.num_heads == 0,
+               f"model.connector: num_latents must be positive and num_heads ({c.num_heads}) must divide "
+               f"model.text.hidden_size ({m.text.hidden_size})")
+
+
+def _validate_contrastive(m: ModelConfig):
+    e = m.text_encoder
+    _check(m.vit is not None and e is not None, f"model.vit and model.text_encoder must be set for '{m.family}'")
+    _validate_vit(m.vit, "model.vit")
+    _check(m.vit.kind == m.family, f"model.vit.kind must be '{m.family}' for family '{m.family}'")
+    _check(e.hidden_act in _ACTIVATIONS, f"model.text_encoder.hidden_act: '{e.hidden_act}' is not one of {_ACTIVATIONS}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "max_position_embeddings", "projection_dim"):
+        _check(getattr(e, name) > 0, f"model.text_encoder.{name} must be positive, got {getattr(e, name)}")
+    _check(e.hidden_size % e.num_heads == 0, f"model.text_encoder.num_heads ({e.num_heads}) must divide hidden_size")
+
+
 def validate_model(m: ModelConfig):
     v, t = m.vision, m.text
-    _check(m.family == "mllama", f"model.family: '{m.family}' is not supported; use 'mllama'")
+    _check(m.family in FAMILIES, f"model.family: '{m.family}' is not supported; use one of {', '.join(FAMILIES)}")
+    if m.family in UNIFIED_FAMILIES:
+        _validate_unified(m)
+    if m.family in CONTRASTIVE_FAMILIES:
+        _validate_contrastive(m)
     _check(m.dtype in _DTYPES, f"model.dtype: '{m.dtype}' is not one of {_DTYPES}")
     _check(m.param_dtype in _DTYPES, f"model.param_dtype: '{m.param_dtype}' is not one of {_DTYPES}")
     _check(m.remat_policy in _REMAT, f"model.remat_policy: '{m.remat_policy}' is not one of {_REMAT}")
@@ -351,9 +604,10 @@ def validate_model(m: ModelConfig):
     if t.rope_scaling is not None:
         _check(t.rope_scaling.rope_type in ("llama3", "default"),
                f"model.text.rope_scaling.rope_type: '{t.rope_scaling.rope_type}' is not 'llama3' or 'default'")
-    _check(0 <= m.image_token_index < t.vocab_size + 8,
-           f"model.image_token_index ({m.image_token_index}) must index the embedding table "
-           f"(vocab_size + 8 = {t.vocab_size + 8} rows)")
+    rows = t.vocab_size + t.extra_embeddings
+    _check(t.extra_embeddings >= 0, f"model.text.extra_embeddings must be >= 0, got {t.extra_embeddings}")
+    _check(0 <= m.image_token_index < rows, f"model.image_token_index ({m.image_token_index}) must index the "
+           f"embedding table (vocab_size + extra_embeddings = {rows} rows)")
 
 
 def validate(cfg: Config):
@@ -361,3 +615,66 @@ def validate(cfg: Config):
     for axis in ("data", "fsdp", "tensor"):
         n = getattr(cfg.mesh, axis)
         _check(n == -1 or n > 0, f"mesh.{axis} must be positive or -1 (auto), got {n}")
+    d = cfg.distributed
+    _check(d.mode in ("auto", "explicit", "off"), f"distributed.mode: '{d.mode}' is not auto, explicit or off")
+    if d.mode == "explicit":
+        _check(":" in d.coordinator_address, "distributed.coordinator_address must be host:port in explicit mode")
+        _check(0 <= d.process_id < d.num_processes,
+               f"distributed.process_id ({d.process_id}) must be in [0, num_processes={d.num_processes})")
+    validate_train(cfg.train)
+    if cfg.data.sources:
+        validate_data(cfg.data)
+        for i, stage in enumerate(cfg.train.stages):
+            stage_data_config(cfg.data, stage.data, f"train.stages[{i}].data")
+
+
+def stage_data_config(data: DataConfig, overrides: Any, where: str = "stage data") -> DataConfig:
+    """`data` with a stage's overrides deep-merged in (when they are a mapping; anything else is ignored),
+    strictly parsed and validated."""
+    if not isinstance(overrides, dict) or not overrides:
+        return data
+    merged = from_dict(DataConfig, deep_merge(to_dict(data), overrides), where)
+    validate_data(merged, where)
+    return merged
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _check_regexes(patterns, where: str):
+    import re
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"{where}: '{p}' is not a valid regex ({e})") from None
+
+
+def _validate_schedule(s: ScheduleConfig, where: str):
+    _check(s.kind in _SCHEDULES, f"{where}.kind: '{s.kind}' is not one of {_SCHEDULES}")
+    _check(s.learning_rate >= 0, f"{where}.learning_rate must be >= 0, got {s.learning_rate}")
+    _check(s.warmup_steps >= 0, f"{where}.warmup_steps must be >= 0, got {s.warmup_steps}")
+    _check(0 <= s.final_fraction <= 1, f"{where}.final_fraction must be in [0, 1], got {s.final_fraction}")
+
+
+def validate_train(t: TrainConfig):
+    _check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")  # > 0 without stages: checked by `train`
+    _check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    _check(t.microbatches > 0 and t.batch_size % t.microbatches == 0,
+           f"train.microbatches ({t.microbatches}) must divide train.batch_size ({t.batch_size})")
+    _check(t.loss_chunk > 0, f"train.loss_chunk must be positive, got {t.loss_chunk}")
+    _check(t.max_nonfinite_steps > 0, f"train.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
+    _check(t.checkpoint.every_steps > 0, f"train.checkpoint.every_steps must be positive, got {t.checkpoint.every_steps}")
+    _check(t.checkpoint.max_to_keep > 0, f"train.checkpoint.max_to_keep must be positive, got {t.checkpoint.max_to_keep}")
+    _check(t.log.every_steps > 0, f"train.log.every_steps must be positive, got {t.log.every_steps}")
+    _check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
+    _validate_schedule(t.schedule, "train.schedule")
+    _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
+    _check_regexes([g.pattern for g in t.optimizer.lr_groups], "train.optimizer.lr_groups")
+    for i, st in enumerate(t.stages):
+        where = f"train.stages[{i}]"
+        _check(st.steps > 0, f"{where}.steps must be positive, got {st.steps}")
+        if st.schedule is not None:
+            _validate_schedule(st.schedule, f"{where}.schedule")
+        _check_regexes((st.trainable or ()) + (st.frozen or ()), where)
+        _check_regexes([g.pattern for g in st.lr_groups or ()], f"{where}.lr_groups")

@@ -13,15 +13,17 @@ import jax
 import numpy as np
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.convert import mllama, safetensors_io
+from vlm_jax.convert import contrastive, idefics3, llava, mllama, safetensors_io
 from vlm_jax.convert.keymap import flatten, from_per_layer, hf_to_ours, ours_to_hf, per_layer_shapes, \
     to_per_layer, unflatten
 from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.models.layers import DTYPES
 from vlm_jax.models.vlm import abstract_params, build_model
 
-FAMILIES = {mllama.MODEL_TYPE: mllama}  # HF model_type -> conversion module
-_BY_FAMILY = {"mllama": mllama}  # our ModelConfig.family -> conversion module
+# HF model_type -> conversion module; our ModelConfig.family -> conversion module (the same names here).
+FAMILIES = {mllama.MODEL_TYPE: mllama, llava.MODEL_TYPE: llava, idefics3.MODEL_TYPE: idefics3,
+            **{t: contrastive for t in contrastive.MODEL_TYPES}}
+_BY_FAMILY = dict(FAMILIES)
 
 
 def family_module(family: str):

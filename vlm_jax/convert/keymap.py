@@ -32,6 +32,15 @@ CONV = Transform(lambda a, s: a.transpose(2, 3, 1, 0).reshape(s), lambda a: a.tr
                  lambda s: (s[3], s[2], s[0], s[1]))
 
 
+# Biases of projections whose outputs we keep split, e.g. (heads, head_dim) or (3, heads, head_dim).
+FLAT = Transform(lambda a, s: a.reshape(s), lambda a: a.reshape(-1), lambda s: (math.prod(s),))
+
+
+def reshaped(hf_shape: tuple) -> Transform:
+    """Same values, HF's shape (e.g. CLIP's scalar logit_scale, kept as (1,) here like SigLIP's)."""
+    return Transform(lambda a, s: a.reshape(s), lambda a: a.reshape(hf_shape), lambda s: hf_shape)
+
+
 def linear(contract_dims: int = 1) -> Transform:
     """torch Linear (out, in) <-> our kernel (*in_dims, *out_dims) with `contract_dims` input dims
     (2 for attention output projections whose input is (heads, head_dim))."""
@@ -132,4 +141,5 @@ def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, t
 
 
 def ours_to_hf(ours: dict[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, np.ndarray]:
-    return {r.hf: np.ascontiguousarray(r.transform.to_hf(np.asarray(ours[r.ours])).astype(dtype)) for r in rules}
+    # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
+    return {r.hf: np.asarray(r.transform.to_hf(np.asarray(ours[r.ours])).astype(dtype), order="C") for r in rules}

@@ -1,13 +1,18 @@
 """MllamaForConditionalGeneration <-> CrossAttentionVLM: config mapping and the key map (hf_layouts.md A)."""
 from __future__ import annotations
 
-from vlm_jax.config import (MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig, deep_merge,
-                            load_model_config, to_dict)
+from vlm_jax.config import MllamaVisionConfig, ModelConfig, load_model_config
 from vlm_jax.convert.keymap import CONV, COPY, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack
+from vlm_jax.convert.llama import (TEXT_COMMON, TEXT_SELF, generation_config,  # noqa: F401 (family API)
+                                   merge_config, text_from_hf, text_to_hf)
 from vlm_jax.errors import ConversionError
 from vlm_jax.models.text import layer_layout
 
 MODEL_TYPE = "mllama"
+MLLAMA_TEXT_DEFAULTS = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                            num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                            max_position_embeddings=131072, pad_token_id=128004, bos_token_id=128000,
+                            eos_token_id=128001)
 
 COMPONENTS = [  # (label, regex over per-layer parameter paths) for `vlm-jax info`; first match wins
     ("vision.embeddings", r"vision/(patch_embedding|class_embedding|position_|tile_position_|pre_tile_|layernorm_pre)"),
@@ -52,15 +57,6 @@ VISION_TOP = [
     ("layernorm_post/bias", "layernorm_post.bias", COPY),
 ]
 
-TEXT_COMMON = [
-    ("input_layernorm/scale", "input_layernorm.weight", COPY),
-    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),
-    ("mlp/gate_proj/kernel", "mlp.gate_proj.weight", LINEAR),
-    ("mlp/up_proj/kernel", "mlp.up_proj.weight", LINEAR),
-    ("mlp/down_proj/kernel", "mlp.down_proj.weight", LINEAR),
-]
-TEXT_SELF = [(f"self_attn/{p}_proj/kernel", f"self_attn.{p}_proj.weight", LINEAR) for p in "qkv"] + [
-    ("self_attn/o_proj/kernel", "self_attn.o_proj.weight", LINEAR_HEADS_IN)]
 TEXT_CROSS = [(f"cross_attn/{p}_proj/kernel", f"cross_attn.{p}_proj.weight", LINEAR) for p in "qkv"] + [
     ("cross_attn/o_proj/kernel", "cross_attn.o_proj.weight", LINEAR_HEADS_IN),
     ("cross_attn/q_norm/scale", "cross_attn.q_norm.weight", COPY),
@@ -121,38 +117,20 @@ def normalize_hf_keys(tensors: dict) -> dict:
     return out
 
 
-def _get(d: dict, key: str, where: str, default=None):
-    if key in d:
-        return d[key]
-    if default is not None:
-        return default
-    raise ConversionError(f"{where}: missing '{key}'")
-
-
 def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
     tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
     tw, vw = f"{where} text_config", f"{where} vision_config"
-    for section, act, expected in ((tw, tc.get("hidden_act", "silu"), "silu"),
-                                   (vw, vc.get("hidden_act", "gelu"), "gelu")):
-        if act != expected:
-            raise ConversionError(f"{section}: hidden_act '{act}' is not supported (Mllama uses '{expected}')")
-    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-    rope_theta = tc.get("rope_theta", rope.get("rope_theta", TextConfig.rope_theta))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None if rope_type == "default" else RopeScaling(
-        rope_type=rope_type, factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-    eos = tc.get("eos_token_id", 128001)
+    if vc.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{vw}: hidden_act '{vc['hidden_act']}' is not supported (Mllama uses 'gelu')")
     defaults = MllamaVisionConfig()
     data = {
         "family": "mllama",
         "image_token_index": hf.get("image_token_index", 128256),
         "vision": {
-            "hidden_size": _get(vc, "hidden_size", vw, 1280),
-            "intermediate_size": _get(vc, "intermediate_size", vw, 5120),
-            "num_layers": _get(vc, "num_hidden_layers", vw, 32),
-            "num_global_layers": _get(vc, "num_global_layers", vw, 8),
+            "hidden_size": vc.get("hidden_size", 1280),
+            "intermediate_size": vc.get("intermediate_size", 5120),
+            "num_layers": vc.get("num_hidden_layers", 32),
+            "num_global_layers": vc.get("num_global_layers", 8),
             "num_heads": vc.get("attention_heads", vc.get("num_attention_heads", 16)),
             "num_channels": vc.get("num_channels", 3),
             "image_size": vc.get("image_size", 448),
@@ -162,23 +140,8 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
             "intermediate_layers_indices": vc.get("intermediate_layers_indices") or [3, 7, 15, 23, 30],
             "supported_aspect_ratios": vc.get("supported_aspect_ratios") or defaults.supported_aspect_ratios,
         },
-        "text": {
-            "vocab_size": tc.get("vocab_size", 128256),
-            "hidden_size": tc.get("hidden_size", 4096),
-            "intermediate_size": tc.get("intermediate_size", 14336),
-            "num_layers": tc.get("num_hidden_layers", 40),
-            "num_heads": tc.get("num_attention_heads", 32),
-            "num_kv_heads": tc.get("num_key_value_heads", 8),
-            "rms_norm_eps": tc.get("rms_norm_eps", 1e-5),
-            "rope_theta": float(rope_theta),
-            "rope_scaling": None if scaling is None else to_dict(scaling),
-            "max_position_embeddings": tc.get("max_position_embeddings", 131072),
-            "cross_attention_layers": tc.get("cross_attention_layers") or [3, 8, 13, 18, 23, 28, 33, 38],
-            "pad_token_id": tc.get("pad_token_id", 128004) if tc.get("pad_token_id") is not None else -1,
-            "bos_token_id": tc.get("bos_token_id", 128000),
-            "eos_token_id": eos if isinstance(eos, list) else [eos],
-            "tie_word_embeddings": tc.get("tie_word_embeddings", False),
-        },
+        "text": {**text_from_hf(tc, tw, MLLAMA_TEXT_DEFAULTS), "extra_embeddings": 8,
+                 "cross_attention_layers": tc.get("cross_attention_layers") or [3, 8, 13, 18, 23, 28, 33, 38]},
     }
     v_out = vc.get("vision_output_dim")
     data.update(overrides)
@@ -192,40 +155,18 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
     """config.json in the transformers 4.x form (rope_scaling + rope_theta), readable by 4.45 through 5.x.
     Fields of `base` (the imported config.json) that vlm_jax does not model are kept."""
-    out = deep_merge(base or {}, _config_to_hf(cfg, dtype))
-    out["text_config"].pop("rope_parameters", None)  # superseded by the 4.x rope_scaling we write
-    return out
+    return merge_config(base, _config_to_hf(cfg, dtype))
 
 
 def _config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     v, t = cfg.vision, cfg.text
-    rope = None if t.rope_scaling is None else to_dict(t.rope_scaling)
-    eos = list(t.eos_token_id)
     return {
         "architectures": ["MllamaForConditionalGeneration"],
         "model_type": MODEL_TYPE,
         "image_token_index": cfg.image_token_index,
         "torch_dtype": dtype,
-        "text_config": {
-            "model_type": "mllama_text_model",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "hidden_act": "silu",
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "rope_scaling": rope,
-            "max_position_embeddings": t.max_position_embeddings,
-            "cross_attention_layers": list(t.cross_attention_layers),
-            "pad_token_id": t.pad_token_id if t.pad_token_id >= 0 else None,
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "torch_dtype": dtype,
-        },
+        "text_config": {**text_to_hf(t, dtype, "mllama_text_model"),
+                        "cross_attention_layers": list(t.cross_attention_layers)},
         "vision_config": {
             "model_type": "mllama_vision_model",
             "hidden_size": v.hidden_size,
@@ -245,10 +186,3 @@ def _config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
             "torch_dtype": dtype,
         },
     }
-
-
-def generation_config(cfg: ModelConfig) -> dict:
-    t = cfg.text
-    eos = list(t.eos_token_id)
-    return {"bos_token_id": t.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": t.pad_token_id if t.pad_token_id >= 0 else None}

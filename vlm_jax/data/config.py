@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_jax.config import ConfigError
+from vlm_jax.errors import ConfigError
 
-SOURCE_KINDS = ("embedded", "jsonl", "tfds")
-IMAGE_OPS = ("mllama_tile", "catty_tile", "resize")
-TEMPLATES = ("simple", "llama3_vision")
 OVERFLOW = ("truncate", "drop")
+
+
+def _registered(kind: str) -> list[str]:
+    """Names in a registry (sources, image ops, templates); imported late because they import this module."""
+    from vlm_jax.data import image_ops, sources, templates
+    return {"source": sources.SOURCES, "image op": image_ops.IMAGE_OPS, "template": templates.TEMPLATES}[kind].names()
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "embedded"  # "embedded" | "jsonl" | "tfds"
+    kind: str = "embedded"  # "embedded" | "jsonl" | "tfds" | any kind added with register_source
     # embedded: a task name (see `list_tasks`); tfds: the dataset name ("name" or "name:1.0.0");
     # jsonl: a label used in logs.
     name: str = "digits_qa"
@@ -78,9 +81,9 @@ def _check(ok: bool, message: str):
 
 
 def _validate_source(s: SourceConfig, where: str):
-    _check(s.kind in SOURCE_KINDS, f"{where}.kind: '{s.kind}' is not one of {SOURCE_KINDS}")
+    _check(s.kind in _registered("source"), f"{where}.kind: '{s.kind}' is not one of {_registered('source')}")
     _check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
-    _check(s.kind == "embedded" or bool(s.path),
+    _check(s.kind not in ("jsonl", "tfds") or bool(s.path),
            f"{where}.path must be set for a {s.kind} source ({'the .jsonl file' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
     _check(s.weight > 0, f"{where}.weight must be positive, got {s.weight}")
     _check(s.size >= 0, f"{where}.size must be >= 0 (0 = task default), got {s.size}")
@@ -93,8 +96,8 @@ def validate_data(cfg: DataConfig, where: str = "data"):
         _validate_source(s, f"{where}.sources[{i}]")
     for i, s in enumerate(cfg.eval_sources):
         _validate_source(s, f"{where}.eval_sources[{i}]")
-    _check(cfg.template in TEMPLATES, f"{where}.template: '{cfg.template}' is not one of {TEMPLATES}")
-    _check(cfg.image.op in IMAGE_OPS, f"{where}.image.op: '{cfg.image.op}' is not one of {IMAGE_OPS}")
+    for kind, name, key in (("template", cfg.template, "template"), ("image op", cfg.image.op, "image.op")):
+        _check(name in _registered(kind), f"{where}.{key}: '{name}' is not one of {_registered(kind)}")
     _check(cfg.image.max_tiles > 0, f"{where}.image.max_tiles must be positive, got {cfg.image.max_tiles}")
     for name in ("batch_size", "seq_len", "max_images"):
         value = getattr(cfg.shapes, name)

@@ -14,21 +14,15 @@ from PIL import Image, ImageOps
 
 from vlm_jax.data import tiling
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.data.registry import Registry
 
-_IMAGE_OPS: dict[str, Callable] = {}
-
-
-def register_image_op(name: str):
-    def wrap(factory):
-        _IMAGE_OPS[name] = factory
-        return factory
-    return wrap
+IMAGE_OPS = Registry("image op", "data.image.op")
+register_image_op = IMAGE_OPS.register
 
 
 def get_image_op(name: str, **kwargs) -> Callable[[np.ndarray], tiling.Tiles]:
-    if name not in _IMAGE_OPS:
-        raise ValueError(f"unknown image op '{name}'; data.image.op must be one of {sorted(_IMAGE_OPS)}")
-    return _IMAGE_OPS[name](**kwargs)
+    """The op's factory called with the geometry (image_size, max_tiles, mean, std, thumbnail)."""
+    return IMAGE_OPS.get(name)(**kwargs)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

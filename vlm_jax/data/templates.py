@@ -7,36 +7,24 @@ rendered string with special-token splitting, which is what HF processors do.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
-
 import numpy as np
 
 from vlm_jax.data import tokenizer as tok
+from vlm_jax.data.registry import Registry
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
-_TEMPLATES: dict[str, Callable] = {}
-
-
-def register_template(name: str):
-    def wrap(cls):
-        _TEMPLATES[name] = cls
-        cls.name = name
-        return cls
-    return wrap
+TEMPLATES = Registry("template", "data.template")
+register_template = TEMPLATES.register  # on a Template subclass
 
 
 def get_template(name: str, tokenizer: tok.Tokenizer) -> "Template":
-    if name not in _TEMPLATES:
-        raise ValueError(f"unknown template '{name}'; data.template must be one of {sorted(_TEMPLATES)}")
-    return _TEMPLATES[name](tokenizer)
+    return TEMPLATES.get(name)(tokenizer)
 
 
 class Template:
     """Subclasses define the pieces around each turn; `encode` assembles them."""
-
-    name: str
 
     def __init__(self, tokenizer: tok.Tokenizer):
         self.tokenizer = tokenizer

@@ -19,9 +19,23 @@ _PAD_CANDIDATES = (PAD, "<|finetune_right_pad_id|>", "<pad>", EOS)
 
 
 class Tokenizer:
-    """Common interface. Subclasses set `vocab_size` and implement the four primitives."""
+    """Common interface. Subclasses set `vocab_size`, implement the four primitives, and call
+    `_remember(**init_kwargs)` so the tokenizer pickles (into worker processes) by rebuilding from them."""
 
     vocab_size: int
+    _init_kwargs: dict
+
+    def _remember(self, **init_kwargs):
+        self._init_kwargs = init_kwargs
+
+    def __getstate__(self):  # native tokenizer handles do not pickle; their serialized form does
+        return self._init_kwargs
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._init_kwargs['name']}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -66,18 +80,9 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
         import sentencepiece as spm
-        self._proto, self._name = model_proto, name
+        self._remember(model_proto=model_proto, name=name)
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.vocab_size()
-
-    def __getstate__(self):  # worker processes rebuild from the serialized model
-        return {"model_proto": self._proto, "name": self._name}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def __repr__(self):
-        return f"SentencePieceTokenizer({self._name}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -94,7 +99,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, path: str):
         with open(path, "wb") as f:
-            f.write(self._proto)
+            f.write(self._init_kwargs["model_proto"])
 
 
 class HFTokenizer(Tokenizer):
@@ -102,18 +107,9 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_json: str, name: str = "tokenizer.json"):
         from tokenizers import Tokenizer as _Tokenizer
-        self._json, self._name = tokenizer_json, name
+        self._remember(tokenizer_json=tokenizer_json, name=name)
         self._tok = _Tokenizer.from_str(tokenizer_json)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-
-    def __getstate__(self):
-        return {"tokenizer_json": self._json, "name": self._name}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def __repr__(self):
-        return f"HFTokenizer({self._name}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -150,12 +146,16 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | None = None,
-                        model_type: str = "bpe", byte_fallback: bool = True) -> SentencePieceTokenizer:
+                        model_type: str = "bpe", byte_fallback: bool | None = None) -> SentencePieceTokenizer:
     """Trains on `texts` with SPECIAL_TOKENS as single ids (ids 1..8 after <unk>); saves to `path` if given.
 
     Digits are split into single tokens so numbers are spelled digit by digit; whitespace is kept as is
-    so decode(encode(x)) == x.
+    so decode(encode(x)) == x. `vocab_size` is an upper bound (small corpora yield fewer pieces).
+    byte_fallback (None = auto) spells unseen characters as bytes, but needs 256 byte pieces, so it is on
+    only when the vocabulary has room for them besides real pieces (not for the demo's ~100-token vocab).
     """
+    if byte_fallback is None:
+        byte_fallback = vocab_size >= 1024
     import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

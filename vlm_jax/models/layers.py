@@ -4,6 +4,7 @@ Parameters and large activations carry logical axis names only; `vlm_jax.shardin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -228,20 +229,78 @@ class SwiGLU(nn.Module):
         return Linear(x.shape[-1], (self.mlp_axis, self.embed_axis), name="down_proj", **kw)(h)
 
 
+ACTIVATIONS = {  # HF `hidden_act` names
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 class GeluMLP(nn.Module):
+    """fc2(act(fc1(x))): ViT MLPs and the LLaVA projector (which changes width: `out_features`)."""
     hidden: int
     embed_axis: str = "vision_embed"
     mlp_axis: str = "vision_mlp"
-    approximate: bool = False  # exact erf gelu (Mllama, CLIP uses quick_gelu elsewhere)
+    activation: str = "gelu"  # exact erf gelu (Mllama); see ACTIVATIONS
+    out_features: int | None = None  # default: the input width
+    out_axis: str | None = None  # default: embed_axis
+    use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         h = Linear(self.hidden, (self.embed_axis, self.mlp_axis), name="fc1", **kw)(x)
-        h = nn.gelu(h, approximate=self.approximate)
-        return Linear(x.shape[-1], (self.mlp_axis, self.embed_axis), name="fc2", **kw)(h)
+        h = ACTIVATIONS[self.activation](h)
+        out_axis = self.out_axis or self.embed_axis
+        return Linear(self.out_features or x.shape[-1], (self.mlp_axis, out_axis), name="fc2", **kw)(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Sizes, numerics and logical axis names of one pre-norm transformer encoder stack (a ViT, or a
+    contrastive text tower with the text axes)."""
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    norm_eps: float
+    activation: str = "gelu"
+    attention_bias: bool = False
+    embed_axis: str = "vision_embed"
+    heads_axis: str = "vision_heads"
+    mlp_axis: str = "vision_mlp"
+    length_axis: str = "vision_length"
+    layers_axis: str = "vision_layers"
+
+
+class EncoderLayer(nn.Module):
+    """x += attn(LN1(x)); x += mlp(LN2(x)). `gated` adds tanh gates on both residual branches (Mllama global
+    layers). `emit` picks the per-layer output of a scan: the layer's "output", its "input", or "none"."""
+    spec: EncoderSpec
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+    gated: bool = False
+    emit: str = "none"
+
+    @nn.compact
+    def __call__(self, x, mask):
+        sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inputs = x
+        h = Attention(sp.hidden_size, sp.num_heads, sp.num_heads, sp.hidden_size // sp.num_heads, sp.embed_axis,
+                      sp.heads_axis, sp.heads_axis, use_bias=sp.attention_bias, attention_impl=self.attention_impl,
+                      name="self_attn", **kw)(LayerNorm(sp.embed_axis, sp.norm_eps, name="input_layernorm", **kw)(x),
+                                              mask)
+        if self.gated:
+            h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), self.param_dtype)).astype(h.dtype) * h
+        x = x + h
+        h = GeluMLP(sp.intermediate_size, sp.embed_axis, sp.mlp_axis, sp.activation, name="mlp", **kw)(
+            LayerNorm(sp.embed_axis, sp.norm_eps, name="post_attention_layernorm", **kw)(x))
+        if self.gated:
+            h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), self.param_dtype)).astype(h.dtype) * h
+        x = constrain(x + h, ("batch", sp.length_axis, "act_embed"))
+        return x, {"input": inputs, "output": x, "none": None}[self.emit]
 
 
 # -------------------------------------------------------------------------------------------- depth

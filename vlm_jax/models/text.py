@@ -25,6 +25,16 @@ class DecoderInputs(NamedTuple):
     cross_row_mask: jnp.ndarray | None  # (B, S, 1): 0 on rows that may see no image
 
 
+def packing_defaults(input_ids, segment_ids=None, positions=None):
+    """One causal segment per row unless packed rows say otherwise (segment 0 = padding)."""
+    b, s = input_ids.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return jnp.asarray(segment_ids), jnp.asarray(positions)
+
+
 def _kw(cfg: ModelConfig):
     return dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
 
@@ -126,14 +136,20 @@ class TextDecoder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, inputs: DecoderInputs, return_hidden: bool = False):
+    def __call__(self, input_ids, inputs: DecoderInputs, return_hidden: bool = False, override_embeds=None,
+                 override_mask=None):
+        """`override_embeds` (B, S, H) replace the token embeddings where `override_mask` (B, S) is True
+        (image features at `<image>` positions in the unified families)."""
         cfg, t = self.config, self.config.text
         kw = _kw(cfg)
-        embed = nn.Embed(t.vocab_size + 8, t.hidden_size, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        embed = nn.Embed(t.vocab_size + t.extra_embeddings, t.hidden_size, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                      ("vocab", "embed")),
                          name="embed_tokens")
-        x = constrain(embed(input_ids), ("batch", "length", "act_embed"))
+        x = embed(input_ids)
+        if override_embeds is not None:
+            x = jnp.where(override_mask[..., None], override_embeds.astype(x.dtype), x)
+        x = constrain(x, ("batch", "length", "act_embed"))
         repeats, period, cross = layer_layout(cfg)
         block = dict(config=cfg, num_layers=period, cross=cross, decode=self.decode)
         if repeats == 1:

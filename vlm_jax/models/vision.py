@@ -6,37 +6,24 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.models.layers import (Attention, GeluMLP, LayerNorm, constrain, dtype_of, param,
+from vlm_jax.models.layers import (EncoderLayer, EncoderSpec, LayerNorm, constrain, dtype_of, param,
                                    stack_layers)
 
 # HF applies layernorm_pre/post with the LayerNorm default eps, not config.norm_eps.
 _PRE_POST_EPS = 1e-5
 
 
-class VisionEncoderLayer(nn.Module):
-    """Pre-norm ViT layer; `gated` adds tanh gates on both residual branches (Mllama global layers)."""
-    config: ModelConfig
-    gated: bool = False
-    # Per-layer output for intermediate features: "output" of the layer, its "input" (HF <= 4.54), or "none".
-    emit: str = "none"
+def mllama_encoder_spec(cfg: ModelConfig) -> EncoderSpec:
+    v = cfg.vision
+    return EncoderSpec(v.hidden_size, v.num_heads, v.intermediate_size, v.norm_eps)
 
-    @nn.compact
-    def __call__(self, x, mask):
-        v = self.config.vision
-        kw = dict(dtype=dtype_of(self.config.dtype), param_dtype=dtype_of(self.config.param_dtype))
-        inputs = x
-        h = Attention(v.hidden_size, v.num_heads, v.num_heads, v.head_dim, "vision_embed", "vision_heads",
-                      "vision_heads", attention_impl=self.config.attention_impl, name="self_attn", **kw)(
-            LayerNorm("vision_embed", v.norm_eps, name="input_layernorm", **kw)(x), mask)
-        if self.gated:
-            h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])).astype(h.dtype) * h
-        x = x + h
-        h = GeluMLP(v.intermediate_size, name="mlp", **kw)(
-            LayerNorm("vision_embed", v.norm_eps, name="post_attention_layernorm", **kw)(x))
-        if self.gated:
-            h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])).astype(h.dtype) * h
-        x = constrain(x + h, ("batch", "vision_length", "act_embed"))
-        return x, {"input": inputs, "output": x, "none": None}[self.emit]
+
+def encoder_stack(cfg: ModelConfig, name: str, spec: EncoderSpec, length: int, **layer_kwargs):
+    """`length` scanned (or unrolled) EncoderLayers with the model's dtypes, remat and attention kernel."""
+    stack = stack_layers(EncoderLayer, length=length, layers_axis=spec.layers_axis, remat_policy=cfg.remat_policy,
+                         scan=cfg.scan_layers)
+    return stack(name, spec=spec, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                 attention_impl=cfg.attention_impl, **layer_kwargs)
 
 
 def tile_attention_mask(aspect_ratio_mask, num_patches: int, padded: int):
@@ -92,9 +79,8 @@ class MllamaVisionEncoder(nn.Module):
         x = constrain(x, ("batch", "vision_length", "act_embed"))
         mask = tile_attention_mask(aspect_ratio_mask.reshape(b * n, t), p, padded)
 
-        stack = dict(remat_policy=cfg.remat_policy, scan=cfg.scan_layers)
-        local = stack_layers(VisionEncoderLayer, length=v.num_layers, layers_axis="vision_layers", **stack)(
-            "transformer", config=cfg, emit=v.intermediate_layers_convention)
+        spec = mllama_encoder_spec(cfg)
+        local = encoder_stack(cfg, "transformer", spec, v.num_layers, emit=v.intermediate_layers_convention)
         x, per_layer = local(x, mask)
         # Selected states interleaved on channels: stack on a new last axis, then flatten (channel d*K + k).
         inter = jnp.stack([per_layer[i] for i in v.intermediate_layers_indices], axis=-1)
@@ -104,8 +90,7 @@ class MllamaVisionEncoder(nn.Module):
         x = x.reshape(b * n, t, padded, hv)
         x = x + tile_embedding("post_tile_embedding", (t, 1, hv), (None, None, "vision_embed")) * gate(
             "post_tile_gate")
-        glob = stack_layers(VisionEncoderLayer, length=v.num_global_layers, layers_axis="vision_layers",
-                            **stack)("global_transformer", config=cfg, gated=True)
+        glob = encoder_stack(cfg, "global_transformer", spec, v.num_global_layers, gated=True)
         x, _ = glob(x.reshape(b * n, t * padded, hv), mask)
         x = x.reshape(b * n, t, padded, hv)[:, :, :p]
         out = jnp.concatenate([x, inter.astype(x.dtype)], axis=-1)

@@ -4,19 +4,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.config import ModelConfig
+from vlm_jax.config import CONTRASTIVE_FAMILIES, UNIFIED_FAMILIES, ModelConfig
 from vlm_jax.models.layers import Linear, constrain, dtype_of
-from vlm_jax.models.text import DecoderInputs, TextDecoder
+from vlm_jax.models import contrastive, unified  # noqa: F401  (they register their families)
+from vlm_jax.models.registry import MODELS, register_model
+from vlm_jax.models.text import DecoderInputs, TextDecoder, packing_defaults
 from vlm_jax.models.vision import MllamaVisionEncoder
-
-MODELS: dict[str, type[nn.Module]] = {}
-
-
-def register_model(family: str):
-    def wrap(cls):
-        MODELS[family] = cls
-        return cls
-    return wrap
 
 
 def build_model(config: ModelConfig, decode: bool = False) -> nn.Module:
@@ -63,11 +56,7 @@ class CrossAttentionVLM(nn.Module):
         In decode mode, positions must be given and vision states are computed once then read from the cache.
         """
         input_ids = jnp.asarray(input_ids)
-        b, s = input_ids.shape
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, s), jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        segment_ids, positions = packing_defaults(input_ids, segment_ids, positions)
         cross_states = None
         if pixel_values is not None:
             cross_states = self.encode_images(jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
@@ -76,13 +65,21 @@ class CrossAttentionVLM(nn.Module):
         if cross_attention_mask is not None:
             cross_mask, row_mask = cross_attention_masks(jnp.asarray(cross_attention_mask),
                                                          self.config.vision.num_patches)
-        inputs = DecoderInputs(jnp.asarray(positions), jnp.asarray(segment_ids), cross_states, cross_mask,
+        inputs = DecoderInputs(positions, segment_ids, cross_states, cross_mask,
                                row_mask)
         return self.text(input_ids, inputs, return_hidden=return_hidden)
 
 
 def example_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, num_images: int = 1) -> dict:
     """Smallest inputs that touch every parameter: used for init and abstract shapes."""
+    if config.family in CONTRASTIVE_FAMILIES:
+        v = config.vit
+        return dict(input_ids=jnp.zeros((batch, min(seq_len, config.text_encoder.max_position_embeddings)), jnp.int32),
+                    pixel_values=jnp.zeros((batch, v.num_channels, v.image_size, v.image_size), jnp.float32))
+    if config.family in UNIFIED_FAMILIES:
+        v = config.vit
+        return dict(input_ids=jnp.zeros((batch, seq_len), jnp.int32), pixel_values=jnp.zeros(
+            (batch, num_images, v.num_channels, v.image_size, v.image_size), jnp.float32))
     v = config.vision
     t = v.max_num_tiles
     return dict(

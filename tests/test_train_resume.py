@@ -1,0 +1,105 @@
+"""Exact resume after SIGKILL and after SIGTERM (real subprocesses running `vlm-jax train`), and a kill during
+an async save leaves the previous checkpoint restorable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vlm_jax.train import checkpoint
+from vlm_jax.train.loop import Trainer, train
+from train_helpers import ROOT, SMALL_RUN, TINY, final_params, tiny_config
+
+RUN = ["train.steps=30", "train.log.every_steps=1", "train.checkpoint.every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # A shared persistent compilation cache: the subprocesses compile the same step once between them.
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _spawn(env, workdir, *overrides):
+    cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN, *RUN,
+           *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _committed(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def _wait_for(predicate, proc, timeout=240.0, poll=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        time.sleep(poll)
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def _logged_steps(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, tmp_path):
+    reference = str(tmp_path / "reference")
+    train(tiny_config(reference, *RUN), echo=lambda _: None)
+
+    workdir = str(tmp_path / "interrupted")
+    slow = "train.synthetic.delay_s=0.3"  # input latency so the signals land mid-run
+    proc = _spawn(env, workdir, slow)
+    _wait_for(lambda: any(s >= 10 for s in _committed(workdir)), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = max(_committed(workdir))
+    assert 10 <= killed_at < 30
+
+    proc = _spawn(env, workdir, slow)
+    _wait_for(lambda: max(_committed(workdir)) > killed_at, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert f"resumed from {os.path.join(workdir, 'checkpoints')} step {killed_at}" in out
+    assert "stopped by SIGTERM at step" in out
+    stopped_at = max(_committed(workdir))
+    assert stopped_at < 30
+
+    proc = _spawn(env, workdir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert f"step {stopped_at}" in out and "finished at step 30" in out
+
+    assert _logged_steps(workdir) == list(range(1, 31))  # no gaps, no repeats
+    want, got = final_params(reference), final_params(workdir)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_kill_during_async_save_leaves_restorable_checkpoint(env, tmp_path):
+    workdir = str(tmp_path / "run")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    proc = _spawn(env, workdir, "train.checkpoint.every_steps=1", "train.synthetic.delay_s=0.05")
+    _wait_for(lambda: _committed(workdir) and checkpoint.incomplete_steps(ckpt_dir), proc, poll=0.002)
+    proc.send_signal(signal.SIGKILL)  # a save is in flight: its step has only a tmp directory
+    proc.wait()
+    committed = _committed(workdir)
+    assert committed
+    # The interrupted step never counts: restore picks the newest committed step and warns about the rest.
+    messages = []
+    trainer = Trainer(tiny_config(workdir, *RUN), echo=messages.append)
+    with checkpoint.train_manager(ckpt_dir, max_to_keep=3, keep_every=0, async_save=False) as mgr:
+        state, _, data_iter = trainer.restore(mgr)
+    assert int(state.step) == max(committed) and data_iter["iter"]["index"] == max(committed)
+    leftovers = checkpoint.incomplete_steps(ckpt_dir)
+    assert all(any(name in m for m in messages) for name in leftovers)

@@ -1,0 +1,148 @@
+"""`vlm-jax plan`: compile the real train step for a Cloud TPU slice ahead of time, on this CPU machine, and
+report per-device memory against HBM, FLOPs, and step time / tokens per second at peak and at an assumed MFU.
+
+The step, shardings and batch shapes are exactly the trainer's; only the devices are libtpu's description of
+the slice. Nothing runs: XLA's compiled memory and cost analyses are the figures.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+
+from vlm_jax import sharding, topology
+from vlm_jax.config import Config
+from vlm_jax.models.vlm import abstract_params, build_model
+from vlm_jax.train import flops
+from vlm_jax.train.data_source import SyntheticSource
+from vlm_jax.train.loop import StagePlan
+from vlm_jax.train.recipe import Stage, resolve_stages
+from vlm_jax.train.state import TrainState, abstract_with_shardings
+from vlm_jax.train.step import batch_shardings, make_train_step
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: str
+    compile_s: float
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    xla_flops: float  # per device, from the compiled module (loop bodies counted once, so below the model's)
+    model_flops: float  # per device, from the config (what MFU counts)
+    tokens: int  # global tokens per step
+    peak_flops: float  # per device
+    assumed_mfu: float
+    compiler_oom: str = ""  # XLA's own verdict when the program cannot fit at all (it then stops compiling)
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak live bytes: inputs + temporaries + outputs that do not reuse (donated) input buffers + code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return not self.compiler_oom and self.total_bytes <= self.hbm_bytes
+
+    def step_seconds(self, mfu: float) -> float:
+        return self.model_flops / (self.peak_flops * mfu)
+
+
+def _abstract_batch(cfg: Config, stage: Stage, mesh, rules) -> dict:
+    example = SyntheticSource(cfg.model, stage.synthetic, cfg.train.batch_size, cfg.seed).batch(0)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
+    return abstract_with_shardings(shapes, batch_shardings(shapes, mesh, rules))
+
+
+def plan_stage(cfg: Config, stage: Stage, s: topology.Slice, devices, assumed_mfu: float) -> StageReport:
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.load_rules(cfg.mesh.rules)
+    model = build_model(cfg.model)
+    boxed = abstract_params(model)
+    stage_plan = StagePlan(cfg, stage, boxed, mesh, rules)
+    params = abstract_with_shardings(nn.meta.unbox(boxed), stage_plan.shardings.params)
+    replicated = stage_plan.shardings.step
+
+    def scalar(dtype, shape=()):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    state = TrainState(step=scalar("int32"), params=params, opt_state=stage_plan.abstract_opt_state(params),
+                       rng=scalar("uint32", (2,)), nonfinite_streak=scalar("int32"), nonfinite_total=scalar("int32"))
+    batch = _abstract_batch(cfg, stage, mesh, rules)
+    step = make_train_step(model, cfg.train, stage, stage_plan.tx, stage_plan.trainable, stage_plan.shardings,
+                           {k: v.sharding for k, v in batch.items()}, mesh, rules)
+    syn = stage.synthetic
+    per_sample = flops.train_flops_per_sample(cfg.model, syn.seq_len, syn.num_images, stage_plan.trainable)
+    report = dict(stage=stage.name, hbm_bytes=s.chip.hbm_bytes // topology.devices_per_chip(s, devices),
+                  model_flops=per_sample * cfg.train.batch_size / len(devices),
+                  tokens=cfg.train.batch_size * syn.seq_len, assumed_mfu=assumed_mfu,
+                  peak_flops=s.chip.peak_bf16_flops / topology.devices_per_chip(s, devices))
+    start = time.perf_counter()
+    try:
+        compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return StageReport(compile_s=time.perf_counter() - start, argument_bytes=0, temp_bytes=0, output_bytes=0,
+                           alias_bytes=0, code_bytes=0, xla_flops=0.0,
+                           compiler_oom=str(e).split("RESOURCE_EXHAUSTED: ")[-1].splitlines()[0], **report)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return StageReport(
+        compile_s=time.perf_counter() - start, argument_bytes=memory.argument_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
+        xla_flops=float(cost.get("flops", 0.0)), **report)
+
+
+def advice(cfg: Config) -> str:
+    """What to change when a stage does not fit, most effective first."""
+    tips = []
+    if cfg.model.remat_policy != "full":
+        tips.append("model.remat_policy=full (recompute activations)")
+    tips.append(f"train.microbatches={cfg.train.microbatches * 2} (halves activation memory per pass)")
+    if cfg.mesh.rules != "fsdp_tp":
+        tips.append("mesh.rules=fsdp_tp with mesh.tensor=4 (shards heads/MLP too)")
+    tips.append("a larger slice or a smaller train.batch_size")
+    return "; ".join(tips)
+
+
+def format_report(r: StageReport) -> str:
+    g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    verdict = "fits" if r.fits else "DOES NOT FIT"
+    peak_s, mfu_s = r.step_seconds(1.0), r.step_seconds(r.assumed_mfu)
+    if r.compiler_oom:
+        return f"stage '{r.stage}': DOES NOT FIT ({g(r.hbm_bytes)} HBM per device); XLA: {r.compiler_oom}"
+    return "\n".join([
+        f"stage '{r.stage}' (compiled in {r.compile_s:.1f} s)",
+        f"  memory per device: arguments {g(r.argument_bytes)}, temporaries {g(r.temp_bytes)}, outputs "
+        f"{g(r.output_bytes - r.alias_bytes)} (+{g(r.alias_bytes)} donated), code {g(r.code_bytes)}",
+        f"  total {g(r.total_bytes)} of {g(r.hbm_bytes)} HBM -> {verdict} ({100 * r.total_bytes / r.hbm_bytes:.0f}%)",
+        f"  FLOPs per step per device: model {r.model_flops:.3e} (config), XLA {r.xla_flops:.3e} (compiled; "
+        "counts each scanned loop body once)",
+        f"  step time: {peak_s:.3f} s at peak, {mfu_s:.3f} s at {100 * r.assumed_mfu:.0f}% MFU -> "
+        f"{r.tokens / mfu_s:,.0f} tokens/s for the slice ({r.tokens:,} tokens per step)",
+    ])
+
+
+def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tuple[str, ...] = (),
+         echo=print) -> list[StageReport]:
+    s = topology.parse_slice(slice_name)
+    devices = topology.topology_devices(s)
+    stages = [st for st in resolve_stages(cfg.train) if not stage_names or st.name in stage_names]
+    echo(f"plan for {s.name}: {s.topology}, {s.num_chips} chips, {len(devices)} devices, "
+         f"{s.chip.hbm_bytes / GiB:.0f} GiB HBM and {s.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip")
+    echo(f"mesh: {dict(sharding.make_mesh(cfg.mesh, devices).shape)} with rules '{cfg.mesh.rules}'; global batch "
+         f"{cfg.train.batch_size}, microbatches {cfg.train.microbatches}, remat {cfg.model.remat_policy}")
+    reports = []
+    for stage in stages:
+        reports.append(plan_stage(cfg, stage, s, devices, assumed_mfu))
+        echo(format_report(reports[-1]))
+    return reports

@@ -1,0 +1,310 @@
+"""The training loop: restore-or-init, stage transitions, logging, checkpoints, SIGTERM, NaN/Inf stop.
+
+Running again in the same workdir resumes from the newest committed checkpoint (params, optimizer state,
+step, rng and data-iterator state), on whatever mesh the current config and devices give.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vlm_jax import sharding
+from vlm_jax.config import Config
+from vlm_jax.errors import ConfigError, UserError
+from vlm_jax.models.vlm import abstract_params, build_model, init_params
+from vlm_jax.train import checkpoint, flops
+from vlm_jax.train import optimizer as opt
+from vlm_jax.train.data_source import PipelineData, SyntheticSource
+from vlm_jax.train.metrics import MetricsLogger
+from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
+from vlm_jax.train.state import (TrainState, abstract_with_shardings, init_opt_state, scalars,
+                                 state_shardings)
+from vlm_jax.train.step import batch_shardings, make_eval_step, make_train_step
+
+
+class NonFiniteError(UserError):
+    pass
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, every step of this run
+    stopped_by_signal: bool = False
+
+
+class StopSignal:
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+class StagePlan:
+    """What a stage needs besides its config: trainable set, optimizer and state shardings."""
+
+    def __init__(self, cfg: Config, stage: Stage, abstract_boxed, mesh, rules):
+        paths = opt.flatten(nn.meta.unbox(abstract_boxed)).keys()
+        self.stage = stage
+        self.trainable = opt.select_trainable(paths, stage.trainable, stage.frozen)
+        if not self.trainable:
+            raise ConfigError(f"stage '{stage.name}': train.trainable/frozen leave no trainable parameter")
+        self.tx = opt.build_optimizer(cfg.train.optimizer, self.trainable)
+        self.shardings = state_shardings(abstract_boxed, self.tx, self.trainable, mesh, rules)
+
+    def abstract_opt_state(self, abstract_params_tree):
+        trainable, _ = opt.split(abstract_params_tree, self.trainable)
+        return abstract_with_shardings(jax.eval_shape(self.tx.init, trainable), self.shardings.opt_state)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, devices=None, echo=print):
+        if not cfg.workdir:
+            raise ConfigError("workdir is not set; pass workdir=DIR (checkpoints and metrics go there)")
+        self.cfg, self.echo = cfg, echo
+        self.stages = resolve_stages(cfg.train)
+        self.end = total_steps(cfg.train, self.stages)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        self.rules = sharding.load_rules(cfg.mesh.rules)
+        self.model = build_model(cfg.model)
+        self.abstract_boxed = abstract_params(self.model)
+        self.abstract_params = nn.meta.unbox(self.abstract_boxed)
+        self.plans = {}
+        self.ckpt_dir = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
+        # data.sources set: batches come from the Grain pipeline (see PipelineData); otherwise synthetic.
+        self.data = PipelineData(cfg, self.stages, echo) if cfg.data.sources else None
+
+    def plan(self, stage: Stage) -> StagePlan:
+        if stage.index not in self.plans:
+            self.plans[stage.index] = StagePlan(self.cfg, stage, self.abstract_boxed, self.mesh, self.rules)
+        return self.plans[stage.index]
+
+    # ------------------------------------------------------------------------------ state
+
+    def fresh_state(self) -> TrainState:
+        plan = self.plan(self.stages[0])
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
+                             out_shardings=plan.shardings.params)(jax.random.PRNGKey(self.cfg.seed))
+        opt_state = init_opt_state(plan.tx, params, plan.trainable, plan.shardings.opt_state)
+        return TrainState(params=params, opt_state=opt_state, **self._place_scalars(
+            scalars(0, jax.random.PRNGKey(self.cfg.seed + 1))))
+
+    def _place_scalars(self, values: dict) -> dict:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return {k: jax.device_put(v, replicated) for k, v in values.items()}
+
+    def restore(self, mgr) -> tuple[TrainState, int, dict] | None:
+        """(state, stage whose optimizer state it holds, data_iter) of the newest readable committed step."""
+        for name in checkpoint.incomplete_steps(self.ckpt_dir):
+            self.echo(f"warning: ignoring incomplete checkpoint {name} (an interrupted save)")
+        steps = sorted(mgr.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                owner = checkpoint.restore_item(mgr, step, checkpoint.TRAIN_STATE)["stage"]
+                plan = self.plan(self.stages[owner])
+                abstract = abstract_with_shardings(self.abstract_params, plan.shardings.params)
+                items = checkpoint.restore_train(mgr, step, abstract, plan.abstract_opt_state(self.abstract_params))
+            except Exception as e:  # noqa: BLE001  (a damaged step must not stop the fallback)
+                later = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "starting fresh"
+                self.echo(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); {later}")
+                continue
+            meta = items[checkpoint.TRAIN_STATE]
+            state = TrainState(params=items[checkpoint.PARAMS], opt_state=items[checkpoint.OPT_STATE],
+                               **self._place_scalars(scalars(meta["step"], np.asarray(meta["rng"], np.uint32),
+                                                             meta["nonfinite_streak"], meta["nonfinite_total"])))
+            return state, owner, items[checkpoint.DATA_ITER]
+        return None
+
+    def enter_stage(self, state: TrainState, owner: int, stage: Stage) -> TrainState:
+        """Carry the optimizer state into `stage`, or start a fresh one (requested, or the trainable set moved)."""
+        plan, previous = self.plan(stage), self.plan(self.stages[owner])
+        if owner == stage.index or (not stage.reset_optimizer and previous.trainable == plan.trainable):
+            return state
+        self.echo(f"stage '{stage.name}' (step {stage.start}): fresh optimizer state")
+        return state.replace(opt_state=init_opt_state(plan.tx, state.params, plan.trainable,
+                                                      plan.shardings.opt_state))
+
+    def save(self, mgr, state: TrainState, owner: int, data_iter: dict):
+        step = int(state.step)
+        checkpoint.save_train(
+            mgr, step, params=state.params, opt_state=state.opt_state, data_iter=data_iter,
+            meta=checkpoint.meta_dict(self.cfg),
+            train_state={"step": step, "rng": np.asarray(state.rng).tolist(), "stage": owner,
+                         "nonfinite_streak": int(state.nonfinite_streak),
+                         "nonfinite_total": int(state.nonfinite_total)})
+
+    # ------------------------------------------------------------------------------- loop
+
+    def describe(self, plan: StagePlan):
+        table = sharding.sharding_table(self.abstract_boxed, self.mesh, self.rules,
+                                        {p: p in plan.trainable for p in opt.flatten(self.abstract_params)})
+        flat = opt.flatten(self.abstract_params)
+        n_train = sum(v.size for k, v in flat.items() if k in plan.trainable)
+        n_frozen = sum(v.size for k, v in flat.items() if k not in plan.trainable)
+        opt_bytes = opt.tree_bytes(plan.abstract_opt_state(self.abstract_params))
+        self.echo(table)
+        self.echo(f"stage '{plan.stage.name}': {n_train:,} trainable / {n_frozen:,} frozen parameters; "
+                  f"optimizer state {opt_bytes / 2**20:.2f} MiB (frozen parameters hold none); "
+                  f"mesh {dict(self.mesh.shape)}")
+
+    def source(self, stage: Stage, seed_offset: int = 0):
+        """The synthetic source of a stage (used when data.sources is empty)."""
+        return SyntheticSource(self.cfg.model, stage.synthetic, self.cfg.train.batch_size,
+                               self.cfg.seed + 1000 * stage.index + seed_offset)
+
+    def open_source(self, stage: Stage, data_iter: dict):
+        """The stage's training batches, continuing `data_iter` (the checkpoint item) where it applies."""
+        if self.data is not None:
+            return self.data.open(stage.index, data_iter)
+        source = self.source(stage)
+        if data_iter.get("stage") == stage.index:
+            source.set_state(data_iter["iter"])
+        return source
+
+    def place(self, batch: dict) -> dict:
+        """Host batch -> global arrays. Pipeline batches are this process's rows of the global batch."""
+        if self.data is None or jax.process_count() == 1:
+            return sharding.shard_batch(batch, self.mesh, self.rules)
+        return {k: jax.make_array_from_process_local_data(sharding.data_sharding(self.mesh, self.rules, v.ndim), v)
+                for k, v in batch.items()}
+
+    def iter_state(self, source) -> dict:
+        return source.get_state() if self.data is None else self.data.state(source)
+
+    def run(self) -> RunResult:
+        train = self.cfg.train
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
+                                       keep_every=train.checkpoint.keep_every,
+                                       async_save=train.checkpoint.async_save)
+        restored = self.restore(mgr)
+        if restored is None:
+            state, owner, data_iter = self.fresh_state(), 0, {}
+        else:
+            state, owner, data_iter = restored
+            self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
+        logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo)
+        result = RunResult(state)
+        try:
+            with StopSignal() as stop:
+                result = self._loop(mgr, logger, state, owner, data_iter, stop)
+        finally:
+            mgr.wait_until_finished()
+            mgr.close()
+            logger.close()
+        return result
+
+    def _loop(self, mgr, logger, state, owner, data_iter, stop) -> RunResult:
+        train, n_devices = self.cfg.train, self.mesh.devices.size
+        peak, _ = flops.peak_flops_per_device(train.peak_flops_per_device)
+        result = RunResult(state)
+        step = int(state.step)
+        while step < self.end:
+            stage = stage_at(self.stages, step)
+            plan = self.plan(stage)
+            state, owner = self.enter_stage(state, owner, stage), stage.index
+            self.describe(plan)
+            source = self.open_source(stage, data_iter)
+            try:
+                state, step, data_iter = self._stage(mgr, logger, state, owner, stage, plan, source, stop, result,
+                                                     peak, n_devices)
+            finally:
+                if self.data is not None:
+                    source.close()
+            if result.stopped_by_signal:
+                return result
+        result.state = state
+        return result
+
+    def _stage(self, mgr, logger, state, owner, stage, plan, source, stop, result, peak, n_devices):
+        """Runs `stage` up to its end (or a SIGTERM); returns (state, step, the last saved data_iter item)."""
+        train, step, data_iter = self.cfg.train, int(state.step), {}
+        if self.data is None:
+            example, rows = source.batch(0), train.batch_size
+            seq_len, num_images = stage.synthetic.seq_len, stage.synthetic.num_images
+        else:
+            example, rows = self.data.example(stage.index), self.data.global_batch(stage.index)
+            shapes = self.data.data(stage.index).shapes
+            seq_len, num_images = shapes.seq_len, shapes.max_images
+        batch_sh = batch_shardings(example, self.mesh, self.rules)
+        step_fn = make_train_step(self.model, train, stage, plan.tx, plan.trainable, plan.shardings,
+                                  batch_sh, self.mesh, self.rules)
+        eval_fn = make_eval_step(self.model, train, plan.shardings.params, batch_sh, self.mesh, self.rules)
+        tokens = rows * seq_len
+        step_flops = rows * flops.train_flops_per_sample(self.cfg.model, seq_len, num_images, plan.trainable)
+        stage_end, timed, last, first_call = min(stage.end, self.end), [], time.perf_counter(), True
+        while step < stage_end:
+            batch = self.place(next(source))
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)  # a sync per step: the NaN/Inf streak is checked at once
+            step, elapsed = step + 1, time.perf_counter() - last
+            if not first_call:  # the first call also compiles
+                timed.append(elapsed)
+            first_call = False
+            result.losses[step] = float(metrics["loss"])
+            if metrics["nonfinite_streak"] >= train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{int(metrics['nonfinite_streak'])} consecutive steps up to {step} had a non-finite loss "
+                    f"or gradient (updates skipped); lower the learning rate or check the data, then resume "
+                    f"from the last checkpoint")
+            eval_due = train.eval_every and step % train.eval_every == 0
+            if step % train.log.every_steps == 0 or step == stage_end or eval_due or stop.requested:
+                step_time = float(np.mean(timed)) if timed else elapsed
+                record = dict(
+                    step=step, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+                    lr=float(metrics["lr"]), tokens_per_s=tokens / step_time, step_time_s=step_time,
+                    tflops_per_device=step_flops / step_time / n_devices / 1e12,
+                    mfu=step_flops / step_time / (peak * n_devices),
+                    supervised_fraction=float(metrics["supervised_tokens"]) / tokens,
+                    z_loss=float(metrics["z_loss"]), nonfinite_total=int(state.nonfinite_total),
+                    stage=stage.name)
+                if eval_due:
+                    record["eval_loss"] = self.evaluate(eval_fn, state.params, stage)
+                logger.write(record)
+                timed = []
+            if step % train.checkpoint.every_steps == 0 or step == stage_end or stop.requested:
+                data_iter = {"stage": stage.index, "iter": self.iter_state(source)}
+                self.save(mgr, state, owner, data_iter)
+            last = time.perf_counter()  # logging and saving are not step time
+            if stop.requested:
+                mgr.wait_until_finished()
+                self.echo(f"stopped by SIGTERM at step {step}; checkpoint saved, run again to resume")
+                result.state, result.stopped_by_signal = state, True
+                return state, step, data_iter
+        return state, step, data_iter
+
+    def evaluate(self, eval_fn, params, stage: Stage) -> float:
+        """Synthetic: mean loss of `train.eval_batches` held-out batches. Pipeline: loss per supervised token
+        over the first `train.eval_batches` batches of data.eval_sources (0 = the whole held-out set)."""
+        if self.data is None:
+            source = self.source(stage, seed_offset=1)
+            losses = [float(eval_fn(params, sharding.shard_batch(next(source), self.mesh, self.rules))["loss"])
+                      for _ in range(self.cfg.train.eval_batches)]
+            return float(np.mean(losses))
+        total = weight = 0.0
+        for batch in self.data.eval_batches(stage.index, self.cfg.train.eval_batches):
+            out = jax.device_get(eval_fn(params, self.place(batch)))
+            total += float(out["loss"]) * float(out["supervised_tokens"])
+            weight += float(out["supervised_tokens"])
+        return total / max(weight, 1.0)
+
+
+def train(cfg: Config, devices=None, echo=print) -> RunResult:
+    return Trainer(cfg, devices, echo).run()

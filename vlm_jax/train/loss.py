@@ -1,0 +1,74 @@
+"""Next-token cross-entropy over supervised tokens, computed in sequence chunks from the final hidden states.
+
+logits[:, s-1] predicts input_ids[:, s], weighted by loss_mask[:, s]. Each chunk's (B, chunk, V) logits exist
+only inside a rematerialised map body, so the full (tokens x vocab) logits are never held at once, forward
+or backward. All functions return SUMS over tokens; callers divide by the supervised-token count, which keeps
+gradient accumulation exact (token-weighted, not microbatch-averaged).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import ModelConfig
+
+
+class LossSums(NamedTuple):
+    nll: jax.Array  # sum of weighted -log p(target)
+    z: jax.Array  # sum of weighted logsumexp^2
+    weight: jax.Array  # number of supervised tokens
+
+
+def next_token_targets(input_ids, loss_mask):
+    """(targets, weights), both (B, S): position s is scored against token s+1; the last position is unused."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    return targets.astype(jnp.int32), weights.astype(jnp.float32)
+
+
+def _token_sums(logits, targets, weights) -> LossSums:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    # Unsupervised targets may lie outside the vocabulary (the image token): clip them so the gather
+    # cannot produce NaN, which a zero weight would not cancel.
+    safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    return LossSums(jnp.sum((lse - target_logit) * weights), jnp.sum(lse ** 2 * weights), jnp.sum(weights))
+
+
+def full_logits_loss(logits, targets, weights) -> LossSums:
+    """Reference: the same sums from materialised (B, S, V) fp32 logits."""
+    return _token_sums(logits.astype(jnp.float32), targets, weights)
+
+
+def lm_head_kernel(params, config: ModelConfig):
+    """(H, V) output projection, also when tied to the input embedding."""
+    text = params["text"]
+    if config.text.tie_word_embeddings:
+        return text["embed_tokens"]["embedding"][:config.text.vocab_size].T
+    return text["lm_head"]["kernel"]
+
+
+def chunked_loss(hidden, kernel, targets, weights, chunk: int, compute_dtype) -> LossSums:
+    """hidden (B, S, H) -> LossSums without materialising more than (B, chunk, V) logits."""
+    b, s, h = hidden.shape
+    chunk = min(chunk, s)
+    pad = -s % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    n = (s + pad) // chunk
+
+    def chunks(x):  # (B, n*chunk, ...) -> (n, B, chunk, ...)
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_c, t_c, w_c = args
+        # Same arithmetic as the model's lm_head (compute dtype, then fp32), so both losses agree.
+        logits = jnp.einsum("bsh,hv->bsv", h_c.astype(compute_dtype), kernel.astype(compute_dtype))
+        return _token_sums(logits.astype(jnp.float32), t_c, w_c)
+
+    per_chunk = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets), chunks(weights)))
+    return LossSums(*(jnp.sum(x) for x in per_chunk))

@@ -1,0 +1,92 @@
+"""AdamW over the trainable parameters only: freezing by regex, decay masks, per-group learning rates, schedules.
+
+Parameters are addressed by '/'-joined paths ("text/decoder/layer_0/mlp/up_proj/kernel"). The optimizer sees
+only the trainable subset (a flat {path: array} dict), so frozen parameters hold no optimizer state at all.
+The learning rate is applied outside optax, from the global step, so a stage's schedule starts at the stage's
+first step whether or not the optimizer state carries over.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from vlm_jax.config import LrGroup, OptimizerConfig, ScheduleConfig
+
+SEP = "/"
+
+
+def flatten(tree) -> dict:
+    return traverse_util.flatten_dict(tree, sep=SEP)
+
+
+def unflatten(flat: Mapping):
+    return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def full_match(path: str, patterns: Sequence[str]) -> bool:
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def select_trainable(paths, trainable: Sequence[str], frozen: Sequence[str]) -> frozenset[str]:
+    return frozenset(p for p in paths if full_match(p, trainable) and not full_match(p, frozen))
+
+
+def split(params, trainable: frozenset[str]) -> tuple[dict, dict]:
+    """Nested params -> (trainable, frozen) flat dicts."""
+    flat = flatten(params)
+    return ({k: v for k, v in flat.items() if k in trainable},
+            {k: v for k, v in flat.items() if k not in trainable})
+
+
+def merge(trainable: Mapping, frozen: Mapping):
+    return unflatten({**frozen, **trainable})
+
+
+def schedule_factor(cfg: ScheduleConfig, steps: int):
+    """step-within-stage -> multiplier of the peak learning rate (jit-friendly)."""
+    warmup = cfg.warmup_steps
+    decay_steps = max(steps - warmup, 1)
+
+    def factor(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
+        progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        end = cfg.final_fraction
+        if cfg.kind == "cosine":
+            decay = end + (1 - end) * 0.5 * (1 + jnp.cos(math.pi * progress))
+        elif cfg.kind == "linear":
+            decay = 1 - (1 - end) * progress
+        else:
+            decay = 1.0
+        return jnp.where(step < warmup, warm, decay)
+    return factor
+
+
+def peak_learning_rates(paths, base_lr: float, groups: Sequence[LrGroup]) -> dict[str, float]:
+    """Peak learning rate per trainable path: the first matching group's, else the schedule's."""
+    def lr(path):
+        return next((g.learning_rate for g in groups if re.fullmatch(g.pattern, path)), base_lr)
+    return {p: lr(p) for p in paths}
+
+
+def build_optimizer(cfg: OptimizerConfig, trainable: frozenset[str]) -> optax.GradientTransformation:
+    """Clip -> Adam moments -> decoupled weight decay (masked). Yields unscaled update directions."""
+    decay_mask = {p: not full_match(p, cfg.no_decay) for p in trainable}
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    chain += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+              optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask)]
+    return optax.chain(*chain)
+
+
+def apply_learning_rates(directions: Mapping, factor, peaks: Mapping[str, float]) -> dict:
+    return {p: (-peaks[p] * factor * d).astype(d.dtype) for p, d in directions.items()}
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

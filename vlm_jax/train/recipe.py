@@ -1,0 +1,58 @@
+"""Recipe stages resolved against the `train:` defaults: each stage is a contiguous range of global steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_jax.config import LrGroup, ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig
+from vlm_jax.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    start: int  # first global step of the stage
+    steps: int
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    schedule: ScheduleConfig
+    lr_groups: tuple[LrGroup, ...]
+    reset_optimizer: bool
+    synthetic: SyntheticDataConfig
+    data: Any
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def resolve_stages(train: TrainConfig) -> list[Stage]:
+    if not train.stages:
+        if train.steps <= 0:
+            raise ConfigError("train.steps must be positive (or give train.stages); e.g. train.steps=100")
+        configs = [StageConfig(name="train", steps=train.steps)]
+    else:
+        configs = list(train.stages)
+    stages, start = [], 0
+    for i, s in enumerate(configs):
+        stages.append(Stage(
+            index=i, name=s.name or f"stage{i}", start=start, steps=s.steps,
+            trainable=s.trainable if s.trainable is not None else train.trainable,
+            frozen=s.frozen if s.frozen is not None else train.frozen,
+            schedule=s.schedule or train.schedule,
+            lr_groups=s.lr_groups if s.lr_groups is not None else train.optimizer.lr_groups,
+            reset_optimizer=s.reset_optimizer, synthetic=s.synthetic or train.synthetic, data=s.data))
+        start += s.steps
+    return stages
+
+
+def total_steps(train: TrainConfig, stages: list[Stage]) -> int:
+    """Where the run stops: the last stage's end, or `train.steps` when a recipe is cut short."""
+    end = stages[-1].end
+    return min(train.steps, end) if train.stages and train.steps else end
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage that runs global step `step` (the last one once every stage is done)."""
+    return next((s for s in stages if s.start <= step < s.end), stages[-1])

@@ -1,0 +1,114 @@
+"""The jitted train and eval steps: explicit in/out shardings from the logical rules, donated state.
+
+Gradients are taken with respect to the trainable parameters only (frozen ones enter the loss as constants),
+so XLA never builds their weight-gradient computations. A step whose loss or gradient norm is not finite
+applies no update (params and optimizer state stay as they were) and is counted.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlm_jax import sharding
+from vlm_jax.config import TrainConfig
+from vlm_jax.models.layers import dtype_of
+from vlm_jax.train import loss as losses
+from vlm_jax.train import optimizer as opt
+from vlm_jax.train.data_source import MODEL_INPUTS
+from vlm_jax.train.recipe import Stage
+from vlm_jax.train.state import TrainState
+
+
+def batch_shardings(example_batch: dict, mesh, rules) -> dict:
+    return {k: sharding.data_sharding(mesh, rules, len(v.shape)) for k, v in example_batch.items()}
+
+
+def loss_sums(model, params, batch: dict, chunk: int) -> losses.LossSums:
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"])
+    kernel = losses.lm_head_kernel(params, model.config)
+    return losses.chunked_loss(hidden, kernel, targets, weights, chunk, dtype_of(model.config.dtype))
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+    """(B, ...) -> (n, B/n, ...), taking every n-th row so each device keeps its own rows."""
+    return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
+
+
+def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientTransformation,
+                    trainable: frozenset[str], state_sh: TrainState, batch_sh: dict, mesh, rules) -> Callable:
+    peaks = opt.peak_learning_rates(sorted(trainable), stage.schedule.learning_rate, stage.lr_groups)
+    factor_at = opt.schedule_factor(stage.schedule, stage.steps)
+
+    def objective(trainable_params, frozen_params, batch):
+        sums = loss_sums(model, opt.merge(trainable_params, frozen_params), batch, train.loss_chunk)
+        return sums.nll + train.z_loss * sums.z, sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def gradients(trainable_params, frozen_params, batch):
+        if train.microbatches == 1:
+            (_, sums), grads = grad_fn(trainable_params, frozen_params, batch)
+            return grads, sums
+
+        def accumulate(carry, micro):
+            sums, grads = carry
+            (_, s), g = grad_fn(trainable_params, frozen_params, micro)
+            return (jax.tree.map(jnp.add, sums, s), jax.tree.map(jnp.add, grads, g)), None
+
+        zero = (losses.LossSums(*(jnp.zeros((), jnp.float32),) * 3), jax.tree.map(jnp.zeros_like, trainable_params))
+        (sums, grads), _ = jax.lax.scan(accumulate, zero, _microbatches(batch, train.microbatches))
+        return grads, sums
+
+    def step(state: TrainState, batch: dict):
+        trainable_params, frozen_params = opt.split(state.params, trainable)
+        grads, sums = gradients(trainable_params, frozen_params, batch)
+        denom = jnp.maximum(sums.weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        directions, new_opt_state = tx.update(grads, state.opt_state, trainable_params)
+        factor = factor_at(state.step - stage.start)
+        new_trainable = optax.apply_updates(trainable_params, opt.apply_learning_rates(directions, factor, peaks))
+        loss = sums.nll / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=opt.merge(keep(new_trainable, trainable_params), frozen_params),
+            opt_state=keep(new_opt_state, state.opt_state), rng=state.rng,
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        metrics = dict(loss=loss, z_loss=sums.z / denom, grad_norm=grad_norm,
+                       lr=factor * stage.schedule.learning_rate, supervised_tokens=sums.weight,
+                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new_state.nonfinite_streak)
+        return new_state, metrics
+
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    def lower(state, batch):  # ahead-of-time compilation (vlm-jax plan), abstract inputs welcome
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch)
+    run.lower = lower
+    return run
+
+
+def make_eval_step(model, train: TrainConfig, params_sh, batch_sh: dict, mesh, rules) -> Callable:
+    def evaluate(params, batch):
+        sums = loss_sums(model, params, batch, train.loss_chunk)
+        return dict(loss=sums.nll / jnp.maximum(sums.weight, 1.0), supervised_tokens=sums.weight)
+
+    jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh))
+
+    def run(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, batch)
+    return run
