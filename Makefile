@@ -19,8 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -x --durations=15 tests
 
+# Figures for the README, each script printing its comparison side by side in one run.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/scan_compile.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/train_step.py --config configs/models/tiny_mllama.yaml
+	JAX_PLATFORMS=cpu $(PY) benchmarks/data_loader.py --seconds 6
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
