@@ -126,3 +126,12 @@ def unified_batch(tokens_per_image: int, seed: int = 0, num_slots: int = 2, seq_
             start = 2 + k * (tokens_per_image + 2)
             ids[row, start:start + tokens_per_image] = IMAGE_TOKEN - 1
     return dict(input_ids=ids, pixel_values=pixels)
+
+
+def assert_same_tensors(expected: dict, actual: dict):
+    """Same tensor names, dtypes, shapes and bytes (bitwise; bf16 included)."""
+    assert sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        other = actual[key]
+        assert (value.dtype, value.shape) == (other.dtype, other.shape), key
+        assert np.ascontiguousarray(value).tobytes() == np.ascontiguousarray(other).tobytes(), key

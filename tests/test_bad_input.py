@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from vlm_jax import cli
 from vlm_jax.convert.safetensors_io import read_dir, write_dir

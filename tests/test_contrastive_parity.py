@@ -7,7 +7,7 @@ import pytest
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hf_models import tiny_dual_encoder
+from hf_models import assert_same_tensors, tiny_dual_encoder
 from vlm_jax.convert import from_hf, to_hf
 from vlm_jax.convert.keymap import flatten
 from vlm_jax.convert.safetensors_io import read_dir
@@ -53,11 +53,7 @@ def test_hf_to_ours_to_hf_is_bitwise(hf_dual, tmp_path):
     _, _, path = hf_dual
     model, params = from_hf(path)
     to_hf(model, params, str(tmp_path))
-    original, exported = read_dir(path), read_dir(str(tmp_path))
-    assert sorted(original) == sorted(exported)
-    for key in original:
-        assert original[key].shape == exported[key].shape, key
-        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    assert_same_tensors(read_dir(path), read_dir(str(tmp_path)))
     for scan in (True, False):
         model, params = from_hf(path, scan_layers=scan)
         to_hf(model, params, str(tmp_path / f"again_{scan}"))

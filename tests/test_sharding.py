@@ -1,5 +1,4 @@
 """The same logits on 1 device and on 8 CPU devices under fsdp and fsdp x tensor rule presets."""
-import os
 
 import flax.linen as nn
 import jax

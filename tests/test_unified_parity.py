@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import IMAGE_TOKEN, tiny_idefics3, tiny_llava, unified_batch
+from hf_models import assert_same_tensors, IMAGE_TOKEN, tiny_idefics3, tiny_llava, unified_batch
 from vlm_jax import cli
 from vlm_jax.convert import from_hf, to_hf
 from vlm_jax.convert.keymap import flatten
@@ -92,9 +92,7 @@ def test_hf_to_ours_to_hf_is_bitwise(hf_dirs, name, tmp_path):
         assert all(k.startswith("vision_tower.embeddings") is False for k in exported)
         original = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in original.items()}
         assert any(k.startswith("vision_tower.vision_model.head.") for k in exported) == (name == "llava_siglip")
-    assert sorted(original) == sorted(exported)
-    for key in original:
-        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    assert_same_tensors(original, exported)
 
 
 @pytest.mark.parametrize("name", ["llava_clip", "idefics3"])
