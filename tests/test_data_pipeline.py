@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from vlm_jax.data import (DataConfig, InputSpec, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig,
-                          build_pipeline, register_source, reshard_states, task_texts, train_sentencepiece)
+from vlm_jax.data import (DataConfig, ExamplePreparer, ImageConfig, InputSpec, PackingConfig, ShapeConfig,
+                          SourceConfig, WorkerConfig, build_pipeline, get_template, register_source, reshard_states,
+                          task_texts, train_sentencepiece)
 from vlm_jax.data import tokenizer as tok
 
 SPEC = InputSpec("cross_attention", image_size=28, max_tiles=4)
@@ -177,3 +178,41 @@ def test_embedded_mixture_and_eval_split(tokenizer):
     rows = np.concatenate([b["segment_ids"].max(1) for b in evaluation])
     assert (rows == 1).all()
     assert tokenizer.special_id(tok.USER) in evaluation[0]["input_ids"][0]
+
+
+def test_unified_family_batch_with_catty_tiles(tokenizer):
+    spec = InputSpec("unified", image_size=28, tokens_per_image=3)
+    cfg = counting_config(image=ImageConfig(op="catty_tile", max_tiles=2),
+                          shapes=ShapeConfig(batch_size=3, seq_len=96, max_images=6))
+    batch = next(build_pipeline(cfg, tokenizer, spec))
+    assert batch["pixel_values"].shape == (3, 6, 3, 28, 28) and batch["image_mask"].shape == (3, 6)
+    assert "cross_attention_mask" not in batch and "aspect_ratio_ids" not in batch
+    slots = batch["image_mask"].sum(1)
+    assert (slots > 1).any() and set(np.unique(slots)) - {0} <= set(range(1, 7))
+    for b in range(3):
+        image_tokens = int((batch["input_ids"][b] == tokenizer.image_id).sum())
+        assert image_tokens == 3 * slots[b]  # every slot (tile or thumbnail) expanded to tokens_per_image
+        assert batch["image_mask"][b, :slots[b]].all() and not batch["pixel_values"][b, slots[b]:].any()
+        assert not batch["loss_mask"][b][batch["input_ids"][b] == tokenizer.image_id].any()
+
+
+@pytest.mark.parametrize("family,tokens_per_image", [("cross_attention", 1), ("unified", 4)])
+def test_truncation_never_splits_an_image_and_drops_cut_images(tokenizer, family, tokens_per_image):
+    spec = SPEC if family == "cross_attention" else InputSpec("unified", image_size=28, tokens_per_image=4)
+    image_cfg = ImageConfig(op="mllama_tile" if family == "cross_attention" else "resize")
+    image = np.zeros((28, 28, 3), np.uint8)
+    record = {"images": [image, image],
+              "turns": [("user", "<image>How many?"), ("assistant", "7"), ("user", "<image>How many?"),
+                        ("assistant", "8")]}
+    prepare = lambda seq_len: ExamplePreparer(spec, get_template("simple", tokenizer), image_cfg,
+                                              ShapeConfig(seq_len=seq_len, max_images=2))(record)
+    full = prepare(512)
+    second_image = int(np.flatnonzero(full["tokens"] == tokenizer.image_id)[tokens_per_image])
+    # Cut one token into the second image's block (for Mllama the block is one token: cut just before it).
+    cut = prepare(second_image + (tokens_per_image > 1))
+    assert cut["truncated"] and len(cut["images"]) == 1 and cut["num_slots"] == 1
+    assert len(cut["tokens"]) == second_image  # back to the block start: no partial image
+    assert (cut["tokens"] == tokenizer.image_id).sum() == tokens_per_image
+    assert cut["loss_mask"].any() and not full["truncated"]
+    if family == "cross_attention":
+        assert cut["spans"].tolist() == [[int(np.flatnonzero(cut["tokens"] == tokenizer.image_id)[0]), second_image]]

@@ -48,9 +48,12 @@ def cmd_export(args):
 
 
 def cmd_train(args):
+    from vlm_jax import distributed
     from vlm_jax.config import load_config
     from vlm_jax.train.loop import train
     cfg = load_config(args.config, args.overrides)
+    distributed.initialize(cfg.distributed)  # before any device is touched; a no-op for one process
+    print(distributed.check_processes(cfg.distributed))
     result = train(cfg)
     if not result.stopped_by_signal:
         print(f"finished at step {int(result.state.step)}; checkpoints in {os.path.join(cfg.workdir, 'checkpoints')}")

@@ -73,7 +73,9 @@ class Template:
             add(self.end_of_turn(), answer)
         if add_generation_prompt:
             add(self.header("assistant"), False)
-        return np.asarray(ids, np.int32), np.asarray(supervised, bool)
+        ids = np.asarray(ids, np.int32)
+        # An image inside an answer is input, never a target.
+        return ids, np.asarray(supervised, bool) & (ids != self.image_id)
 
 
 @register_template("simple")
