@@ -9,6 +9,7 @@ from vlm_jax.config import load_config
 from vlm_jax.data import DataConfig, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig, build_pipeline
 from vlm_jax.data.spec import input_spec_from_model
 from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.train.data_source import MODEL_INPUTS
 from vlm_jax.train.loss import next_token_targets
 
 from test_data_pipeline import sample_ids  # noqa: F401  (also registers the "counting" source)
@@ -20,8 +21,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def per_sample_loss(apply, params, batch, tokenizer) -> dict[int, float]:
     """Summed next-token NLL of each segment's supervised tokens, keyed by the sample's record number."""
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-                                    "cross_attention_mask", "segment_ids", "positions")}
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     logits = np.asarray(apply({"params": params}, **inputs), np.float64)
     targets, weights = map(np.asarray, next_token_targets(batch["input_ids"], batch["loss_mask"]))
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -41,6 +41,8 @@ def test_packed_loss_equals_unpacked_loss(tokenizer):  # noqa: F811
     spec = spec.__class__(**{**spec.__dict__, "image_token_id": None})  # the test tokenizer's own <|image|> id
     model = build_model(model_cfg)
     params = nn.meta.unbox(jax.jit(lambda rng: init_params(model, rng))(jax.random.PRNGKey(0)))
+    params = jax.tree_util.tree_map_with_path(  # gates start at 0; open them so images change every loss
+        lambda path, x: x + 0.7 if "gate" in jax.tree_util.keystr(path) else x, params)
     apply = jax.jit(model.apply)
 
     def batches(pack: bool):  # the same (2, 64) shape both ways, so the model compiles once

@@ -72,7 +72,8 @@ def test_batch_contract_and_packing(tokenizer):
     expected = {"input_ids": ((b_, s_), np.int32), "pixel_values": ((b_, n_, t_, 3, 28, 28), np.float32),
                 "aspect_ratio_ids": ((b_, n_), np.int32), "aspect_ratio_mask": ((b_, n_, t_), np.int32),
                 "cross_attention_mask": ((b_, s_, n_, t_), np.int32), "loss_mask": ((b_, s_), np.float32),
-                "segment_ids": ((b_, s_), np.int32), "positions": ((b_, s_), np.int32)}
+                "segment_ids": ((b_, s_), np.int32), "positions": ((b_, s_), np.int32),
+                "image_segment_ids": ((b_, n_), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     image_id, bos = tokenizer.image_id, tokenizer.bos_id
     assert (batch["segment_ids"].max(1) >= 2).any()  # something really was packed
@@ -90,12 +91,14 @@ def test_batch_contract_and_packing(tokenizer):
                 attends = np.flatnonzero(batch["cross_attention_mask"][b, :, slot].any(-1))
                 # The image is seen from its own token to the end of ITS segment, never by another segment.
                 assert attends[0] == start and set(seg[attends]) == {s}
+                assert batch["image_segment_ids"][b, slot] == s  # the slot's owner, for the model's fallback
                 n_tiles = batch["aspect_ratio_mask"][b, slot].sum()
                 assert batch["aspect_ratio_ids"][b, slot] > 0
                 assert (batch["cross_attention_mask"][b, attends, slot, :n_tiles] == 1).all()
                 assert not batch["cross_attention_mask"][b, :, slot, n_tiles:].any()
                 slot += 1
         assert not batch["aspect_ratio_ids"][b, slot:].any()  # padded slots
+        assert not batch["image_segment_ids"][b, slot:].any()
         assert not batch["pixel_values"][b, slot:].any()
     it.close()
 

@@ -130,7 +130,10 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla"):
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:  # a row with no allowed key attends to nothing rather than uniformly to everything
+        probs = probs * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]
+    probs = probs.astype(v.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
     return out.reshape(b, sq, hq, d)
 

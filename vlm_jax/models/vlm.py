@@ -16,15 +16,21 @@ def build_model(config: ModelConfig, decode: bool = False) -> nn.Module:
     return MODELS[config.family](config, decode=decode)
 
 
-def cross_attention_masks(cross_attention_mask, tokens_per_tile: int):
+def cross_attention_masks(cross_attention_mask, tokens_per_tile: int, segment_ids=None, image_segment_ids=None):
     """(B, S, N, T) 0/1 -> key mask (B, 1, S, N*T*P) and row mask (B, S, 1).
 
     Rows that may see no image attend uniformly to every key (HF zeroes their bias rather than masking all),
-    and their cross-attention MLP output is zeroed by the row mask."""
+    and their cross-attention MLP output is zeroed by the row mask. With `image_segment_ids` (B, N), the
+    owner segment of each image slot (packed rows), that fallback covers only the row's own segment's images,
+    so packed samples never see each other's images; a row that owns none attends to nothing."""
     b, s, n, t = cross_attention_mask.shape
     allowed = jnp.repeat(cross_attention_mask.astype(bool), tokens_per_tile, axis=3).reshape(b, s, -1)
     row_any = allowed.any(axis=-1, keepdims=True)
-    return (allowed | ~row_any)[:, None], row_any
+    fallback = True
+    if image_segment_ids is not None:
+        own = image_segment_ids[:, None, :] == segment_ids[:, :, None]  # (B, S, N)
+        fallback = jnp.repeat(own, t * tokens_per_tile, axis=2)
+    return (allowed | (~row_any & fallback))[:, None], row_any
 
 
 @register_model("mllama")
@@ -48,11 +54,13 @@ class CrossAttentionVLM(nn.Module):
                          ("batch", "vision_length", "act_embed"))
 
     def __call__(self, input_ids, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
-                 cross_attention_mask=None, segment_ids=None, positions=None, return_hidden: bool = False):
+                 cross_attention_mask=None, segment_ids=None, positions=None, image_segment_ids=None,
+                 return_hidden: bool = False):
         """Inputs in transformers' Mllama layouts (pixel_values (B, N, T, C, H, W)); returns fp32 logits
         (B, S, V), or the final normed hidden states with `return_hidden`.
 
         segment_ids / positions describe packed rows (0 = padding); by default one causal segment per row.
+        image_segment_ids (B, N) names the segment owning each image slot (see `cross_attention_masks`).
         In decode mode, positions must be given and vision states are computed once then read from the cache.
         """
         input_ids = jnp.asarray(input_ids)
@@ -63,8 +71,9 @@ class CrossAttentionVLM(nn.Module):
                                               jnp.asarray(aspect_ratio_mask))
         cross_mask = row_mask = None
         if cross_attention_mask is not None:
-            cross_mask, row_mask = cross_attention_masks(jnp.asarray(cross_attention_mask),
-                                                         self.config.vision.num_patches)
+            cross_mask, row_mask = cross_attention_masks(
+                jnp.asarray(cross_attention_mask), self.config.vision.num_patches, segment_ids,
+                None if image_segment_ids is None else jnp.asarray(image_segment_ids))
         inputs = DecoderInputs(positions, segment_ids, cross_states, cross_mask,
                                row_mask)
         return self.text(input_ids, inputs, return_hidden=return_hidden)

@@ -17,7 +17,7 @@ from vlm_jax.config import ModelConfig, SyntheticDataConfig
 from vlm_jax.errors import ConfigError
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
-                "segment_ids", "positions")
+                "segment_ids", "positions", "image_segment_ids")
 
 
 class BatchSource(Protocol):

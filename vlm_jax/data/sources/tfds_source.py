@@ -102,7 +102,11 @@ class TfdsSource:
     def __init__(self, name: str, data_dir: str, split: str):
         import tensorflow_datasets as tfds
         self.name = name
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise ValueError(f"no TFDS dataset '{name}' in {data_dir}; write one with "
+                             "vlm_jax.data.build_tfds_dataset or fix the source's name/path") from None
 
     def __len__(self) -> int:
         return len(self._source)
