@@ -23,7 +23,7 @@ DATA = ["model.image_token_index=1",  # the <|image|> id of the tokenizer traine
         "data.eval_sources=[{kind: embedded, name: digits_qa, split: test}]",
         "data.shapes={batch_size: 8, seq_len: 32, max_images: 1}",
         "train.log.every_steps=1", "train.checkpoint.async_save=false", "train.checkpoint.every_steps=4"]
-FULL = [f"train.steps={STEPS}", "train.eval_every=4", "train.eval_batches=3", *DATA]
+FULL = [f"train.steps={STEPS}", "train.eval_every=4", "train.eval_batches=3", "train.eval_examples=6", *DATA]
 # The same single stage, cut at half: `train.steps` then only says where this run stops (same schedule).
 CUT = [f"train.stages=[{{name: train, steps: {STEPS}}}]", *DATA]
 
@@ -107,6 +107,8 @@ def test_trains_on_embedded_task_and_logs_eval(reference):
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert sorted(evals) == [4, 8] and all(math.isfinite(v) for v in evals.values())
     assert evals[8] < evals[4]
+    accuracy = [r["eval_accuracy/digits_qa/test"] for r in records if "eval_loss" in r]
+    assert len(accuracy) == 2 and all(a in {k / 6 for k in range(7)} for a in accuracy)  # greedy, 6 answers
     assert all(0 < r["supervised_fraction"] < 1 for r in records)
     # Every row read is a different sample (8 batches of 8 from a 1437-example split: no epoch boundary).
     rows = [h for batch in trainer.batches for h in batch]

@@ -59,6 +59,45 @@ def cmd_train(args):
         print(f"finished at step {int(result.state.step)}; checkpoints in {os.path.join(cfg.workdir, 'checkpoints')}")
 
 
+def cmd_eval(args):
+    import json
+
+    from vlm_jax.config import load_config
+    from vlm_jax.infer.answer import load_answerer
+    from vlm_jax.infer.evaluate import evaluate_sources, results_table
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.eval_sources:
+        raise_user(f"{args.config}: data.eval_sources is empty; list the held-out sources to evaluate "
+                   "(e.g. data.eval_sources='[{kind: embedded, name: digits_qa, split: test}]')")
+    answerer = load_answerer(args.checkpoint, args.tokenizer or cfg.data.tokenizer, cfg.data,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    results = evaluate_sources(answerer, cfg.data.eval_sources, args.limit)
+    print(results_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.row() for r in results], f, indent=2)
+
+
+def cmd_generate(args):
+    import jax
+
+    from vlm_jax.infer.answer import load_answerer
+    from vlm_jax.infer.generate import Sampling
+    images = args.image * len(args.prompt) if len(args.image) == 1 else args.image
+    if len(images) != len(args.prompt):
+        raise_user(f"{len(args.image)} --image for {len(args.prompt)} --prompt; give one image per prompt, "
+                   "or one image for all")
+    for path in images:
+        if not os.path.isfile(path):
+            raise_user(f"--image {path}: file not found")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    answerer = load_answerer(args.checkpoint, args.tokenizer, batch_size=len(args.prompt),
+                             max_new_tokens=args.max_new_tokens, sampling=sampling)
+    records = [{"images": [path], "turns": [("user", prompt)]} for path, prompt in zip(images, args.prompt)]
+    for prompt, answer in zip(args.prompt, answerer.answer(records, jax.random.PRNGKey(args.seed))):
+        print(answer if len(records) == 1 else f"{prompt}\t{answer}")
+
+
 def cmd_plan(args):
     # Compile targets come from libtpu's topology description; the host backend stays the CPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -110,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--config", required=True, help="a YAML config (model, mesh, train, workdir)")
     trn.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. workdir=/tmp/run train.steps=100")
     trn.set_defaults(func=cmd_train)
+
+    evl = sub.add_parser("eval", help="held-out VQA exact-match accuracy and answer perplexity per source")
+    evl.add_argument("--config", required=True, help="a YAML config whose data.eval_sources are evaluated")
+    evl.add_argument("--checkpoint", required=True, help="a checkpoint directory (or one step inside it)")
+    evl.add_argument("--limit", type=int, default=0, help="records per source (0 = all)")
+    evl.add_argument("--batch-size", type=int, default=32)
+    evl.add_argument("--max-new-tokens", type=int, default=8)
+    evl.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
+                                                     "training kept in the run's workdir")
+    evl.add_argument("--json", default="", help="also write the results to this JSON file")
+    evl.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    evl.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="answer prompts about images (KV-cached, jitted)")
+    gen.add_argument("--checkpoint", required=True)
+    gen.add_argument("--image", required=True, action="append", help="an image file; repeat for several")
+    gen.add_argument("--prompt", required=True, action="append", help="a question; repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", default="")
+    gen.set_defaults(func=cmd_generate)
 
     pln = sub.add_parser("plan", help="compile the train step for a Cloud TPU slice on this machine; memory, "
                                       "FLOPs, step time (needs pip install -e '.[tpu]')")

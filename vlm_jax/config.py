@@ -81,6 +81,9 @@ class TextConfig:
     rope_scaling: RopeScaling | None = RopeScaling()
     max_position_embeddings: int = 131072
     cross_attention_layers: tuple[int, ...] = (3, 8, 13, 18, 23, 28, 33, 38)
+    # Initial value of the cross-attention tanh gates. 0 (Mllama, Flamingo) leaves a pretrained language model
+    # untouched at the start; a model trained from nothing learns to use the image much sooner with open gates.
+    cross_attention_gate_init: float = 0.0
     pad_token_id: int = 128004
     bos_token_id: int = 128000
     eos_token_id: tuple[int, ...] = (128001, 128008, 128009)
@@ -298,6 +301,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (each skipped) before stopping
     eval_every: int = 0  # 0 disables
     eval_batches: int = 2
+    # Pipeline runs: also greedy-answer this many records of each data.eval_sources entry at every eval and log
+    # exact-match accuracy as eval_accuracy/<name>/<split> (0 = loss only). Needs a cross-attention model.
+    eval_examples: int = 0
     peak_flops_per_device: float = 0.0  # for MFU; 0 = look up by device kind (CPU: a nominal number)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -663,6 +669,7 @@ def validate_train(t: TrainConfig):
     _check(t.microbatches > 0 and t.batch_size % t.microbatches == 0,
            f"train.microbatches ({t.microbatches}) must divide train.batch_size ({t.batch_size})")
     _check(t.loss_chunk > 0, f"train.loss_chunk must be positive, got {t.loss_chunk}")
+    _check(t.eval_examples >= 0, f"train.eval_examples must be >= 0, got {t.eval_examples}")
     _check(t.max_nonfinite_steps > 0, f"train.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
     _check(t.checkpoint.every_steps > 0, f"train.checkpoint.every_steps must be positive, got {t.checkpoint.every_steps}")
     _check(t.checkpoint.max_to_keep > 0, f"train.checkpoint.max_to_keep must be positive, got {t.checkpoint.max_to_keep}")

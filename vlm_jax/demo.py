@@ -1,69 +1,137 @@
-"""`make demo`: build a small Llama 3.2 Vision in JAX, save it as a vlm_jax checkpoint, export it to a Hugging
-Face directory, load that with transformers and print JAX and PyTorch logits side by side."""
+"""`make demo`: train configs/demo.yaml from nothing, evaluate it on every held-out task next to a baseline that
+cannot see the image, plot loss and accuracy, export to Hugging Face, and answer the held-out questions again
+with transformers' PyTorch `generate`, JAX and PyTorch side by side.
+
+    python -m vlm_jax.demo [dotted.key=value ...]     # e.g. train.steps=100 workdir=/tmp/demo_quick
+
+Writes into the workdir (default workdirs/demo): checkpoints/, metrics.jsonl, demo.png, hf/ and
+demo_summary.json. Running it again resumes training (or skips it when finished) and redoes the rest.
+"""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+import time
 
-import jax
 import numpy as np
 
-from vlm_jax.config import Config, load_config
-from vlm_jax.convert import to_hf
-from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.config import load_config
+from vlm_jax.infer.evaluate import SourceResult, evaluate_sources, read_records, results_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+SHOW_PER_TASK = 3  # held-out questions printed per task in the JAX vs PyTorch table
 
 
-def demo_batch(cfg, seed: int = 0) -> dict:
-    """Two prompts: one with a 2x2-tile image after some text, one text-only."""
-    rng = np.random.default_rng(seed)
-    v, s, t = cfg.vision, 12, cfg.vision.max_num_tiles
-    ids = rng.integers(3, cfg.text.vocab_size, size=(2, s))
-    ids[0, 2] = cfg.image_token_index
-    pixels = rng.standard_normal((2, 1, t, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    cross = np.zeros((2, s, 1, t), np.int64)
-    cross[0, 2:, 0, :4] = 1
-    return dict(input_ids=ids, pixel_values=pixels, aspect_ratio_ids=np.array([[6], [0]]),
-                aspect_ratio_mask=np.array([[[1, 1, 1, 1]], [[1, 0, 0, 0]]]), cross_attention_mask=cross)
+def plot(metrics_path: str, out_path: str):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
+    evals = [r for r in records if "eval_loss" in r]
+    loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    loss_ax.set(xlabel="step", ylabel="loss per supervised token", yscale="log", title="loss")
+    loss_ax.legend()
+    for key in sorted({k for r in evals for k in r if k.startswith("eval_accuracy/")}):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        acc_ax.plot(*zip(*points), "o-", label=key.split("/")[1])
+    acc_ax.set(xlabel="step", ylabel="exact match", ylim=(0, 1.02), title="held-out accuracy (greedy)")
+    acc_ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
 
 
-def main() -> int:
-    import torch
-    from transformers import MllamaForConditionalGeneration
+def compare_with_pytorch(answerer, hf_dir: str, records_per_task: dict[str, list[dict]],
+                         jax_tokens: dict[str, np.ndarray]) -> tuple[dict[str, int], list[tuple]]:
+    """PyTorch greedy answers of the exported model to the same prompts; per-task disagreement counts and
+    sample rows (task, question answer, JAX answer, PyTorch answer)."""
+    from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
+    hf_model = load_hf_mllama(hf_dir)
+    mismatches, shown = {}, []
+    for task, records in records_per_task.items():
+        theirs = []
+        for start in range(0, len(records), answerer.batch_size):
+            chunk = records[start:start + answerer.batch_size]
+            prompts, _ = answerer.prompts(chunk)
+            theirs.append(hf_generate(hf_model, prompts, answerer.sampling)[:len(chunk)])
+        theirs = np.concatenate(theirs)
+        ours = jax_tokens[task]
+        mismatches[task] = int(np.sum(np.any(ours != theirs, axis=1)))
+        rows = list(zip(records, answerer.decode(ours), answerer.decode(theirs)))
+        for record, a, b in rows[::max(1, len(rows) // SHOW_PER_TASK)][:SHOW_PER_TASK]:
+            shown.append((task, record["turns"][0][1].replace("<image>", ""), record["turns"][-1][1], a, b))
+    return mismatches, shown
 
-    from vlm_jax.train import checkpoint
-    workdir = os.path.join(REPO, "workdirs", "demo")
-    cfg = load_config(os.path.join(REPO, "configs/models/tiny_mllama.yaml"))
-    model = build_model(cfg.model)
-    params = jax.tree.map(np.asarray, jax.device_get(__import__("flax").linen.meta.unbox(
-        init_params(model, jax.random.PRNGKey(0)))))
-    for layer in params["text"]["decoder"].values():  # open the cross-attention gates (they start at 0)
-        if "attn_gate" in layer:
-            layer["attn_gate"] = np.full_like(layer["attn_gate"], 0.7)
-            layer["mlp_gate"] = np.full_like(layer["mlp_gate"], 0.5)
-    ckpt, hf_dir = os.path.join(workdir, "checkpoint"), os.path.join(workdir, "hf")
-    if os.path.exists(workdir):
-        import shutil
-        shutil.rmtree(workdir)
-    checkpoint.save_params(ckpt, params, Config(model=cfg.model))
-    to_hf(build_model(checkpoint.read_meta(ckpt)[0].model), checkpoint.restore_params(ckpt), hf_dir)
-    print(f"saved vlm_jax checkpoint {ckpt}\nexported Hugging Face directory {hf_dir}")
 
-    batch = demo_batch(cfg.model)
-    ours = np.asarray(jax.jit(model.apply)({"params": params}, **batch))
-    hf_model = MllamaForConditionalGeneration.from_pretrained(hf_dir).eval()
-    with torch.no_grad():
-        theirs = hf_model(**{k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}).logits.numpy()
-    print("\nlast-token logits, first 6 vocabulary entries")
-    print(f"{'row':<10}{'JAX (vlm_jax)':<52}PyTorch (transformers)")
-    for row, name in enumerate(("image", "text-only")):
-        fmt = lambda x: " ".join(f"{v:+.4f}" for v in x[row, -1, :6])
-        print(f"{name:<10}{fmt(ours):<52}{fmt(theirs)}")
-    diff = float(np.abs(ours - theirs).max())
-    print(f"\nmax |JAX - PyTorch| over all logits: {diff:.2e}  ({'OK' if diff <= 1e-4 else 'MISMATCH'})")
-    return 0 if diff <= 1e-4 else 1
+def main(argv: list[str]) -> int:
+    from vlm_jax.convert import to_hf
+    from vlm_jax.infer.answer import Answerer
+    from vlm_jax.train.loop import Trainer
+
+    cfg = load_config(CONFIG, ["workdir=" + os.path.join(REPO, "workdirs", "demo")] + argv)
+    workdir = os.path.abspath(cfg.workdir)
+    print(f"== training {os.path.relpath(CONFIG, REPO)} in {workdir} (run again to resume)")
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    train_seconds = time.perf_counter() - start
+    if result.stopped_by_signal:
+        return 1
+    steps = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if line.strip()]
+    step_times = [r["step_time_s"] for r in steps if r["step"] > steps[0]["step"]] or [r["step_time_s"] for r in steps]
+    print(f"training: {train_seconds:.0f} s wall in this run (compile, data and evals included); "
+          f"{1 / float(np.median(step_times)):.2f} steps/s (median of logged steps)")
+
+    params = result.state.params
+    answerer = Answerer(trainer.model, params, trainer.data.tokenizer, cfg.data,
+                        batch_size=cfg.data.shapes.batch_size * 4, max_new_tokens=4)
+    print("\n== held-out accuracy (greedy, VQAv2-normalised exact match); the blind baseline always gives the "
+          "most common answer, the best a model that cannot see the image can do")
+    results: list[SourceResult] = evaluate_sources(answerer, cfg.data.eval_sources)
+    print(results_table(results))
+
+    plot_path = os.path.join(workdir, "demo.png")
+    plot(os.path.join(workdir, "metrics.jsonl"), plot_path)
+    print(f"\nplot of loss and accuracy: {plot_path}")
+
+    hf_dir = os.path.join(workdir, "hf")
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    to_hf(trainer.model, params, hf_dir)
+    shutil.copy(os.path.join(workdir, "tokenizer.model"), hf_dir)
+    print(f"exported to Hugging Face format: {hf_dir}")
+
+    records = {r.label: read_records(s)[0] for r, s in zip(results, cfg.data.eval_sources)}
+    jax_tokens = {label: answerer.generate_tokens(recs)[0] for label, recs in records.items()}
+    mismatches, shown = compare_with_pytorch(answerer, hf_dir, records, jax_tokens)
+    print("\n== held-out questions answered by JAX (vlm_jax) and by PyTorch (transformers generate on the export)")
+    print(f"{'task':<22}{'question':<30}{'truth':<8}{'JAX':<8}PyTorch")
+    for task, question, truth, ours, theirs in shown:
+        print(f"{task:<22}{question:<30}{truth:<8}{ours:<8}{theirs}")
+    total = sum(len(v) for v in records.values())
+    agreed = sum(mismatches.values()) == 0
+    print(f"\nJAX and PyTorch greedy answers agree on {total - sum(mismatches.values())} of {total} held-out "
+          f"questions{'' if agreed else ' — MISMATCH: ' + str({k: v for k, v in mismatches.items() if v})}")
+
+    summary = {
+        "config": os.path.relpath(CONFIG, REPO), "steps": int(result.state.step),
+        "train_wall_s_this_run": round(train_seconds, 1), "steps_per_s": round(1 / float(np.median(step_times)), 3),
+        "accuracy": {r.label: r.accuracy for r in results},
+        "baseline_accuracy": {r.label: r.baseline for r in results},
+        "perplexity": {r.label: r.perplexity for r in results},
+        "held_out_examples": {r.label: r.examples for r in results},
+        "jax_pytorch_greedy_agree": agreed, "jax_pytorch_disagreements": mismatches,
+        "plot": plot_path, "hf_dir": hf_dir,
+    }
+    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"summary: {os.path.join(workdir, 'demo_summary.json')}")
+    return 0 if agreed else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -48,12 +48,22 @@ class ExamplePreparer:
     def __call__(self, record: dict) -> dict:
         """Returns tokens (L,) int32, loss_mask (L,) bool, images [(n, 3, H, W) float32], aspect_ratio_ids,
         num_tiles (per image), spans ((images, 2) cross-attention token ranges), num_slots, truncated."""
-        raw_images = record["images"]
-        turns = place_images(record["turns"], len(raw_images))
+        return self._build(record["images"], place_images(record["turns"], len(record["images"])))
+
+    def prompt(self, record: dict) -> tuple[dict, str]:
+        """(example, reference answer) for generation: the turns before a final assistant turn, ending with the
+        assistant header; the reference is that turn's text ("" when the record ends with a user turn)."""
+        turns = place_images(record["turns"], len(record["images"]))
+        answer = ""
+        if turns[-1][0] == "assistant":
+            turns, answer = turns[:-1], turns[-1][1]
+        return self._build(record["images"], turns, generation=True), answer
+
+    def _build(self, raw_images: list, turns: list[tuple[str, str]], generation: bool = False) -> dict:
         if not self.unified and len(raw_images) > self.shapes.max_images:
             raise BadRecord("too_many_images", f"{len(raw_images)} > data.shapes.max_images={self.shapes.max_images}")
         tiles = [self.image_op(decode_image(raw)) for raw in raw_images]
-        tokens, loss_mask = self.template.encode(turns)
+        tokens, loss_mask = self.template.encode(turns, add_generation_prompt=generation)
         if (found := int(np.sum(tokens == self.template.image_id))) != len(tiles):
             # The text itself spells the image token; it would steal an image's cross-attention span.
             raise BadRecord("image_count_mismatch", f"{found} image tokens after tokenizing, {len(tiles)} images")
@@ -65,6 +75,8 @@ class ExamplePreparer:
         if self.unified:
             tokens, loss_mask = expand_image_tokens(tokens, loss_mask, self.template.image_id, block_sizes)
         truncated = len(tokens) > self.shapes.seq_len
+        if truncated and generation:
+            raise BadRecord("too_long", f"prompt of {len(tokens)} tokens > data.shapes.seq_len={self.shapes.seq_len}")
         if truncated:
             if self.shapes.overflow == "drop":
                 raise BadRecord("too_long", f"{len(tokens)} tokens > data.shapes.seq_len={self.shapes.seq_len}")
@@ -74,7 +86,7 @@ class ExamplePreparer:
             tiles = tiles[:int(np.sum(block_starts + block_sizes <= cut))]
             tokens, loss_mask = tokens[:cut], loss_mask[:cut]
             slots_per_image = slots_per_image[:len(tiles)]
-        if not loss_mask.any():
+        if not generation and not loss_mask.any():
             raise BadRecord("too_long", "nothing left to supervise after truncation to data.shapes.seq_len")
         return {
             "tokens": tokens.astype(np.int32),

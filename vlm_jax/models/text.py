@@ -79,8 +79,9 @@ class CrossAttentionLayer(nn.Module):
     def __call__(self, x, inputs: DecoderInputs):
         t, kw = self.config.text, _kw(self.config)
         attn = _attention(self.config, "cross_attn", cross=True)
-        attn_gate = param(self, "attn_gate", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])
-        mlp_gate = param(self, "mlp_gate", nn.initializers.zeros, (1,), (None,), kw["param_dtype"])
+        gate_init = nn.initializers.constant(t.cross_attention_gate_init)
+        attn_gate = param(self, "attn_gate", gate_init, (1,), (None,), kw["param_dtype"])
+        mlp_gate = param(self, "mlp_gate", gate_init, (1,), (None,), kw["param_dtype"])
         input_norm = RMSNorm("embed", t.rms_norm_eps, name="input_layernorm", **kw)
         post_norm = RMSNorm("embed", t.rms_norm_eps, name="post_attention_layernorm", **kw)
         mlp = SwiGLU(t.intermediate_size, name="mlp", **kw)

@@ -200,7 +200,8 @@ class Trainer:
         else:
             state, owner, data_iter = restored
             self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
-        logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo)
+        logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo,
+                               primary=jax.process_index() == 0, total_steps=self.end)
         result = RunResult(state)
         try:
             with StopSignal() as stop:
@@ -277,6 +278,7 @@ class Trainer:
                     stage=stage.name)
                 if eval_due:
                     record["eval_loss"] = self.evaluate(eval_fn, state.params, stage)
+                    record.update(self.eval_accuracy(state.params, stage))
                 logger.write(record)
                 timed = []
             if step % train.checkpoint.every_steps == 0 or step == stage_end or stop.requested:
@@ -304,6 +306,18 @@ class Trainer:
             total += float(out["loss"]) * float(out["supervised_tokens"])
             weight += float(out["supervised_tokens"])
         return total / max(weight, 1.0)
+
+    def eval_accuracy(self, params, stage: Stage) -> dict[str, float]:
+        """eval_accuracy/<source> of greedy answers to the first `train.eval_examples` held-out records."""
+        if self.data is None or not self.cfg.train.eval_examples:
+            return {}
+        from vlm_jax.infer.answer import Answerer
+        from vlm_jax.infer.evaluate import evaluate_sources
+        data = self.data.data(stage.index)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            answerer = Answerer(self.model, params, self.data.tokenizer, data, batch_size=data.shapes.batch_size)
+            results = evaluate_sources(answerer, data.eval_sources, self.cfg.train.eval_examples, perplexity=False)
+        return {f"eval_accuracy/{r.label}": r.accuracy for r in results}
 
 
 def train(cfg: Config, devices=None, echo=print) -> RunResult:

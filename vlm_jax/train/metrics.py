@@ -1,7 +1,8 @@
 """Per-step metrics: DIR/metrics.jsonl (one object per logged step), TensorBoard events, a stdout line.
 
 On resume both logs are cut back to the restored step, so the record continues without gaps or repeats
-after a crash that happened past the last checkpoint.
+after a crash that happened past the last checkpoint. With several processes only the primary one (process 0)
+writes the files (they share the workdir); every process prints its line.
 """
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ FIELDS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "tfl
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True, echo=print):
+    def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True, echo=print, primary: bool = True,
+                 total_steps: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.file = self.tb = None
+        self.echo, self.total_steps = echo, total_steps
+        if not primary:
+            return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
         # purge_step hides events past the restored step that a killed run had written
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1) \
             if tensorboard else None
-        self.echo = echo
 
     def _truncate_after(self, step: int):
         if not os.path.exists(self.path):
@@ -33,21 +38,30 @@ class MetricsLogger:
             f.writelines(kept)
 
     def write(self, record: dict):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
-        self.echo(progress_line(record))
+        self.echo(progress_line(record, self.total_steps))
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
 
-def progress_line(r: dict) -> str:
-    return (f"step {r['step']:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
+def progress_line(r: dict, total_steps: int = 0) -> str:
+    """One line per logged step; with the run's last step known, a progress bar and the time left."""
+    bar = ""
+    if total_steps:
+        done = min(r["step"] / total_steps, 1.0)
+        left = int((total_steps - r["step"]) * r["step_time_s"])
+        bar = f"[{'#' * round(done * 20):<20}] {done:4.0%} {left // 60}m{left % 60:02d}s left  "
+    evals = "".join(f"  {k.removeprefix('eval_')} {v:.3f}" for k, v in r.items() if k.startswith("eval_"))
+    return (f"{bar}step {r['step']:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
             f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1e3:.1f} ms/step  mfu {r['mfu']:.2%}"
-            + (f"  skipped {r['nonfinite_total']}" if r.get("nonfinite_total") else ""))
+            + (f"  skipped {r['nonfinite_total']}" if r.get("nonfinite_total") else "") + evals)

@@ -1,0 +1,107 @@
+"""Answering questions about images: VQA normalisation, JAX answers equal transformers' generate on the
+exported model for real prompts, batching does not change answers, and the `generate` / `eval` commands."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from train_helpers import TINY
+from vlm_jax.cli import main as cli_main
+from vlm_jax.config import Config, load_config
+from vlm_jax.convert import to_hf
+from vlm_jax.data import EmbeddedSource, task_texts, train_sentencepiece
+from vlm_jax.infer.answer import Answerer
+from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
+from vlm_jax.infer.vqa import exact_match, majority_baseline, normalize_answer
+from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.train import checkpoint
+
+TASKS = ("digits_qa", "shapes_color", "chart_count")
+
+
+def test_vqa_normalisation():
+    assert normalize_answer("  The Two.") == "2"
+    assert normalize_answer("a red, circle!") == "red circle"
+    assert normalize_answer("3.5") == "3.5" and normalize_answer("dont") == "don't"
+    assert exact_match("Seven", "7") and exact_match("an apple", "apple") and not exact_match("7", "1")
+    assert majority_baseline(["1", "one", "2", "3"]) == 0.5 and majority_baseline([]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """A tiny Mllama (random, gates open so the image matters) with a tokenizer trained on the embedded tasks,
+    saved as a checkpoint with that tokenizer in its config."""
+    root = tmp_path_factory.mktemp("infer")
+    tokenizer_path = str(root / "tokenizer.model")
+    tokenizer = train_sentencepiece(task_texts(), vocab_size=128, path=tokenizer_path)
+    cfg = load_config(TINY, [f"model.image_token_index={tokenizer.image_id}", f"data.tokenizer={tokenizer_path}",
+                             "data.shapes={batch_size: 4, seq_len: 32, max_images: 1}",
+                             "model.text.cross_attention_gate_init=0.8"])
+    model = build_model(cfg.model)
+    params = jax.tree.map(np.asarray, jax.device_get(__import__("flax").linen.meta.unbox(
+        init_params(model, jax.random.PRNGKey(3)))))
+    ckpt = str(root / "ckpt")
+    checkpoint.save_params(ckpt, params, Config(model=cfg.model, data=cfg.data))
+    return cfg, model, params, tokenizer, ckpt
+
+
+def _records(n_per_task=5):
+    return [EmbeddedSource(t, "test")[i] for t in TASKS for i in range(n_per_task)]
+
+
+def test_answers_equal_transformers_generate_and_do_not_depend_on_batching(trained_like, tmp_path):
+    cfg, model, params, tokenizer, _ = trained_like
+    answerer = Answerer(model, params, tokenizer, cfg.data, batch_size=8, max_new_tokens=5)
+    records = _records()
+    ours, references = answerer.generate_tokens(records)
+    assert ours.shape == (len(records), 5) and references[0] == records[0]["turns"][-1][1]
+    assert len({tuple(row) for row in ours}) > 1  # not one constant answer
+
+    to_hf(model, params, str(tmp_path / "hf"))
+    hf_model = load_hf_mllama(str(tmp_path / "hf"))
+    theirs = np.concatenate([hf_generate(hf_model, answerer.prompts(records[i:i + 8])[0], answerer.sampling)[
+        :len(records[i:i + 8])] for i in range(0, len(records), 8)])
+    np.testing.assert_array_equal(ours, theirs)
+
+    one_by_one = Answerer(model, params, tokenizer, cfg.data, batch_size=1, max_new_tokens=5)
+    np.testing.assert_array_equal(np.concatenate([one_by_one.generate_tokens([r])[0] for r in records[:6]]),
+                                  ours[:6])
+
+
+def test_generate_and_eval_commands(trained_like, tmp_path, capsys):
+    cfg, _, _, _, ckpt = trained_like
+    image = tmp_path / "digit.png"
+    Image.fromarray(EmbeddedSource("digits_qa", "test")[0]["images"][0]).save(image)
+    rc = cli_main(["generate", "--checkpoint", ckpt, "--image", str(image), "--prompt", "What digit is this?",
+                   "--max-new-tokens", "4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    rc = cli_main(["generate", "--checkpoint", ckpt, "--image", str(image), "--prompt", "What digit is this?",
+                   "--prompt", "What color is the shape?", "--temperature", "0.7", "--top-p", "0.9"])
+    assert rc == 0 and len(capsys.readouterr().out.strip().splitlines()) == 2
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("data:\n  eval_sources: [{kind: embedded, name: digits_qa, split: test},"
+                      " {kind: embedded, name: shapes_color, split: test, size: 12}]\n"
+                      "  shapes: {batch_size: 4, seq_len: 32, max_images: 1}\n")
+    rc = cli_main(["eval", "--config", str(config), "--checkpoint", ckpt, "--limit", "10",
+                   "--json", str(tmp_path / "eval.json"), f"data.tokenizer={cfg.data.tokenizer}"])
+    assert rc == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["label"] for r in rows] == ["digits_qa/test", "shapes_color/test"] and "digits_qa/test" in table
+    assert [r["examples"] for r in rows] == [10, 10]
+    assert all(0 <= r["accuracy"] <= 1 and 0 < r["baseline"] <= 1 and r["perplexity"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--image", "missing.png", "--prompt", "q"], "--image missing.png: file not found"),
+    (["--image", "a.png", "--image", "b.png", "--prompt", "q"], "2 --image for 1 --prompt"),
+])
+def test_generate_bad_input_is_one_line(trained_like, argv, expected, capsys):
+    rc = cli_main(["generate", "--checkpoint", trained_like[4], *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and expected in err and "Traceback" not in err

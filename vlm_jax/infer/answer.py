@@ -1,0 +1,122 @@
+"""Questions about images -> answers: records through the data pipeline's preparer, left-padded prompt
+batches, jitted generation, decoded text. One `Answerer` serves `vlm-jax generate`, `vlm-jax eval`, the
+demo and the trainer's periodic accuracy evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from vlm_jax.data import ExamplePreparer, collate, get_template, input_spec_from_model, load_tokenizer
+from vlm_jax.data.config import DataConfig
+from vlm_jax.infer.generate import Sampling, generate
+
+_LENGTH_BUCKET = 16  # prompt widths are rounded up to this, so a held-out set compiles once or twice
+
+
+def left_align(batch: dict, lengths: np.ndarray) -> dict:
+    """Right-padded collated rows -> left-padded prompts (`prompt_mask` 1 on real tokens), so every row's
+    next token goes to the same position. Only the token axis moves; image slots stay where they are."""
+    width = batch["input_ids"].shape[1]
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "cross_attention_mask")}
+    out["input_ids"] = np.stack([np.roll(row, width - n) for row, n in zip(batch["input_ids"], lengths)])
+    out["prompt_mask"] = (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int32)
+    if "cross_attention_mask" in batch:
+        out["cross_attention_mask"] = np.stack([np.roll(row, width - n, axis=0)
+                                                for row, n in zip(batch["cross_attention_mask"], lengths)])
+    return out
+
+
+def model_inputs(prompts: dict) -> dict:
+    """The arrays `generate` (and transformers' generate, as attention_mask) take from a prompt batch."""
+    keys = ("input_ids", "prompt_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+            "cross_attention_mask")
+    return {k: prompts[k] for k in keys if k in prompts}
+
+
+class Answerer:
+    """Greedy (or sampled) answers of a cross-attention VLM to {"images", "turns"} records."""
+
+    def __init__(self, model, params, tokenizer, data: DataConfig, batch_size: int = 32, max_new_tokens: int = 8,
+                 sampling: Sampling | None = None):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.spec = input_spec_from_model(model.config)
+        self.template = get_template(data.template, tokenizer)
+        self.data, self.batch_size = data, batch_size
+        self.preparer = ExamplePreparer(self.spec, self.template, data.image, data.shapes)
+        base = sampling or Sampling()
+        self.sampling = dataclasses.replace(base, max_new_tokens=max_new_tokens, pad_token=self.template.pad_id,
+                                            stop_tokens=base.stop_tokens or self.template.stop_ids)
+
+    def prompts(self, records: list[dict]) -> tuple[dict, list[str]]:
+        """(left-padded prompt batch padded to `batch_size` rows by repeating the last, reference answers)."""
+        prepared = [self.preparer.prompt(r) for r in records]
+        examples = [e for e, _ in prepared] + [prepared[-1][0]] * (self.batch_size - len(prepared))
+        lengths = np.array([len(e["tokens"]) for e in examples])
+        width = -(-int(lengths.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+        slots = max(1, max(e["num_slots"] for e in examples))
+        shapes = dataclasses.replace(self.data.shapes, seq_len=width, max_images=slots)
+        batch = collate([[e] for e in examples], self.spec, shapes, self.template.pad_id)
+        return left_align(batch, lengths), [a for _, a in prepared]
+
+    def decode(self, new_tokens: np.ndarray) -> list[str]:
+        """Generated ids -> text, cut at the first stop token."""
+        answers = []
+        for row in np.asarray(new_tokens):
+            stops = np.flatnonzero(np.isin(row, self.sampling.stop_tokens))
+            answers.append(self.tokenizer.decode(row[:stops[0] if len(stops) else len(row)].tolist()).strip())
+        return answers
+
+    def generate_tokens(self, records: list[dict], rng=None) -> tuple[np.ndarray, list[str]]:
+        """(new token ids (len(records), max_new_tokens), reference answers), in batches of `batch_size`."""
+        tokens, references = [], []
+        for start in range(0, len(records), self.batch_size):
+            chunk = records[start:start + self.batch_size]
+            prompts, refs = self.prompts(chunk)
+            out = generate(self.model, self.params, model_inputs(prompts), self.sampling, rng)
+            tokens.append(np.asarray(out)[:len(chunk)])
+            references += refs
+        return np.concatenate(tokens), references
+
+    def answer(self, records: list[dict], rng=None) -> list[str]:
+        return self.decode(self.generate_tokens(records, rng)[0])
+
+
+def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
+    """The tokenizer a checkpoint was trained with: `explicit`, else the config's data.tokenizer, else the
+    one training kept in the workdir (the run's workdir, or the folder holding the checkpoints/ directory)."""
+    from vlm_jax.errors import UserError
+    from vlm_jax.train.data_source import TOKENIZER_FILE
+    candidates = [explicit] if explicit else [config.data.tokenizer] if config.data.tokenizer else [
+        os.path.join(config.workdir, TOKENIZER_FILE) if config.workdir else "",
+        os.path.join(_workdir_of(checkpoint_path), TOKENIZER_FILE)]
+    for path in filter(None, candidates):
+        if os.path.exists(path):
+            return load_tokenizer(path)
+    raise UserError(f"no tokenizer found for {checkpoint_path} (looked at {', '.join(filter(None, candidates))}); "
+                    "pass --tokenizer PATH")
+
+
+def _workdir_of(checkpoint_path: str) -> str:
+    """workdir/checkpoints[/step] -> workdir."""
+    path = os.path.abspath(checkpoint_path)
+    if os.path.basename(path).isdigit():
+        path = os.path.dirname(path)
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:
+    """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
+    image op, shapes) are the run's own unless `data` is given."""
+    from vlm_jax.errors import UserError
+    from vlm_jax.models.vlm import build_model
+    from vlm_jax.train import checkpoint
+    config, _, _ = checkpoint.read_meta(checkpoint_path)
+    if config.model.family != "mllama":
+        raise UserError(f"{checkpoint_path}: generation supports the cross-attention (mllama) family; this "
+                        f"checkpoint is '{config.model.family}'")
+    model = build_model(config.model)
+    return Answerer(model, checkpoint.restore_params(checkpoint_path),
+                    find_tokenizer(config, checkpoint_path, tokenizer), data or config.data, **kwargs)

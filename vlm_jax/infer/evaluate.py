@@ -1,0 +1,95 @@
+"""Held-out metrics per source: VQA exact-match accuracy (greedy answers) and answer/caption perplexity.
+
+Used by `vlm-jax eval`, by the trainer every `train.eval_every` steps (`train.eval_examples` records per
+source) and by the demo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import numpy as np
+
+from vlm_jax.data import build_source, collate
+from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.data.config import SourceConfig
+from vlm_jax.infer.answer import Answerer
+from vlm_jax.infer.vqa import exact_match, majority_baseline
+
+
+def source_label(s: SourceConfig) -> str:
+    return f"{s.name}/{s.split}"
+
+
+def read_records(source: SourceConfig, limit: int = 0, where: str = "data.eval_sources[?]") -> tuple[list, int]:
+    """(the first `limit` (0 = all) readable records, how many were unreadable and skipped)."""
+    reader = build_source(source, where)
+    records, skipped = [], 0
+    for i in range(len(reader) if limit <= 0 else min(limit, len(reader))):
+        try:
+            records.append(reader[i])
+        except BadRecord:
+            skipped += 1
+    return records, skipped
+
+
+@dataclasses.dataclass
+class SourceResult:
+    label: str
+    examples: int
+    accuracy: float
+    baseline: float  # the best constant answer: what a model blind to the image can reach at most
+    perplexity: float  # exp(mean -log p) of the reference answers' tokens (and end of turn)
+    skipped: int = 0
+    predictions: list[str] = dataclasses.field(default_factory=list, repr=False)
+    references: list[str] = dataclasses.field(default_factory=list, repr=False)
+
+    def row(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("predictions", "references")}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _nll_and_tokens(model, params, batch, chunk):
+    from vlm_jax.train.step import loss_sums
+    sums = loss_sums(model, params, batch, chunk)
+    return sums.nll, sums.weight
+
+
+def answer_perplexity(answerer: Answerer, records: list[dict]) -> float:
+    """Teacher-forced perplexity of the reference turns, one record per row."""
+    spec, shapes, pad = answerer.spec, answerer.data.shapes, answerer.template.pad_id
+    nll = weight = 0.0
+    for start in range(0, len(records), answerer.batch_size):
+        examples = [answerer.preparer(r) for r in records[start:start + answerer.batch_size]]
+        slots = max(1, max(e["num_slots"] for e in examples))
+        batch = collate([[e] for e in examples], spec, dataclasses.replace(shapes, max_images=slots), pad)
+        batch_nll, batch_weight = jax.device_get(_nll_and_tokens(answerer.model, answerer.params, batch,
+                                                                 shapes.seq_len))
+        nll, weight = nll + float(batch_nll), weight + float(batch_weight)
+    return math.exp(nll / max(weight, 1.0))
+
+
+def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
+                     perplexity: bool = True) -> list[SourceResult]:
+    results = []
+    for i, source in enumerate(sources):
+        records, skipped = read_records(source, limit, f"data.eval_sources[{i}]")
+        tokens, references = answerer.generate_tokens(records)
+        predictions = answerer.decode(tokens)
+        correct = [exact_match(p, r) for p, r in zip(predictions, references)]
+        results.append(SourceResult(
+            source_label(source), len(records), float(np.mean(correct)) if correct else 0.0,
+            majority_baseline(references), answer_perplexity(answerer, records) if perplexity else float("nan"),
+            skipped, predictions, references))
+    return results
+
+
+def results_table(results: list[SourceResult]) -> str:
+    width = max([len("source")] + [len(r.label) for r in results])
+    lines = [f"{'source':<{width}}  {'examples':>8}  {'accuracy':>8}  {'blind baseline':>14}  {'perplexity':>10}"]
+    for r in results:
+        lines.append(f"{r.label:<{width}}  {r.examples:>8}  {r.accuracy:>8.1%}  {r.baseline:>14.1%}  "
+                     f"{r.perplexity:>10.3f}" + (f"  ({r.skipped} unreadable skipped)" if r.skipped else ""))
+    return "\n".join(lines)
