@@ -96,6 +96,11 @@ def test_generate_and_eval_commands(trained_like, tmp_path, capsys):
     assert [r["examples"] for r in rows] == [10, 10]
     assert all(0 <= r["accuracy"] <= 1 and 0 < r["baseline"] <= 1 and r["perplexity"] > 1 for r in rows)
 
+    # The export carries the run's tokenizer, so the Hugging Face directory is self-contained.
+    assert cli_main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    with open(tmp_path / "hf" / "tokenizer.model", "rb") as a, open(cfg.data.tokenizer, "rb") as b:
+        assert a.read() == b.read()
+
 
 @pytest.mark.parametrize("argv, expected", [
     (["--image", "missing.png", "--prompt", "q"], "--image missing.png: file not found"),

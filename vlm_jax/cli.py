@@ -34,7 +34,10 @@ def cmd_import(args):
 
 
 def cmd_export(args):
+    import shutil
+
     from vlm_jax.convert import to_hf
+    from vlm_jax.infer.answer import tokenizer_path
     from vlm_jax.models.vlm import build_model
     from vlm_jax.train import checkpoint
     if args.to != "hf":
@@ -44,7 +47,11 @@ def cmd_export(args):
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     params = checkpoint.restore_params(args.checkpoint)
     to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
-    print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}")
+    tokenizer, _ = tokenizer_path(config, args.checkpoint)
+    if tokenizer and os.path.isfile(tokenizer):  # the run's own sentencepiece model travels with the weights
+        shutil.copy(tokenizer, args.out)
+    print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}"
+          + (f" (with {os.path.basename(tokenizer)})" if tokenizer and os.path.isfile(tokenizer) else ""))
 
 
 def cmd_train(args):

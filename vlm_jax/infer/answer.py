@@ -84,19 +84,25 @@ class Answerer:
         return self.decode(self.generate_tokens(records, rng)[0])
 
 
-def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
-    """The tokenizer a checkpoint was trained with: `explicit`, else the config's data.tokenizer, else the
-    one training kept in the workdir (the run's workdir, or the folder holding the checkpoints/ directory)."""
-    from vlm_jax.errors import UserError
+def tokenizer_path(config, checkpoint_path: str, explicit: str = "") -> tuple[str | None, list[str]]:
+    """(the tokenizer a checkpoint was trained with, or None; the places looked at): `explicit`, else the
+    config's data.tokenizer, else the one training kept in the run's workdir (the run's recorded workdir, or
+    the folder holding the checkpoints/ directory)."""
     from vlm_jax.train.data_source import TOKENIZER_FILE
     candidates = [explicit] if explicit else [config.data.tokenizer] if config.data.tokenizer else [
         os.path.join(config.workdir, TOKENIZER_FILE) if config.workdir else "",
         os.path.join(_workdir_of(checkpoint_path), TOKENIZER_FILE)]
-    for path in filter(None, candidates):
-        if os.path.exists(path):
-            return load_tokenizer(path)
-    raise UserError(f"no tokenizer found for {checkpoint_path} (looked at {', '.join(filter(None, candidates))}); "
-                    "pass --tokenizer PATH")
+    candidates = [c for c in candidates if c]
+    return next((c for c in candidates if os.path.exists(c)), None), candidates
+
+
+def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
+    from vlm_jax.errors import UserError
+    path, looked_at = tokenizer_path(config, checkpoint_path, explicit)
+    if path is None:
+        raise UserError(f"no tokenizer found for {checkpoint_path} (looked at {', '.join(looked_at)}); "
+                        "pass --tokenizer PATH")
+    return load_tokenizer(path)
 
 
 def _workdir_of(checkpoint_path: str) -> str:
