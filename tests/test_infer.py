@@ -1,7 +1,6 @@
 """Answering questions about images: VQA normalisation, JAX answers equal transformers' generate on the
 exported model for real prompts, batching does not change answers, and the `generate` / `eval` commands."""
 import json
-import os
 
 import jax
 import numpy as np

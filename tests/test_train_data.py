@@ -1,11 +1,7 @@
 """Training from the Grain pipeline (data.sources set): the loss falls on an embedded task, held-out eval is
 logged, a run cut in two resumes bitwise exactly with the data stream continuing, config mistakes are one line."""
-import hashlib
-import json
-import math
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,9 +9,9 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.config import load_config, stage_data_config
 from vlm_jax.data import load_tokenizer
 from vlm_jax.errors import ConfigError
-from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import Trainer
-from train_helpers import TINY, final_params, tiny_config
+from train_helpers import (TINY, RecordingTrainer, check_learning_run, compilation_cache,  # noqa: F401
+                           data_iter, final_params, tiny_config)
 
 STEPS = 8
 DATA = ["model.image_token_index=1",  # the <|image|> id of the tokenizer trained on the embedded tasks
@@ -28,63 +24,6 @@ FULL = [f"train.steps={STEPS}", "train.eval_every=4", "train.eval_batches=3", "t
 CUT = [f"train.stages=[{{name: train, steps: {STEPS}}}]", *DATA]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Three runs compile the same step; a persistent cache compiles it once (private API, best effort)."""
-    try:
-        from jax._src import compilation_cache as cc
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                                  "jax_persistent_cache_min_compile_time_secs",
-                                                  "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
-class Recorder:
-    """Wraps a training iterator: notes a hash of every row's image (one digit scan per row)."""
-
-    def __init__(self, iterator, log: list):
-        self.iterator, self.log = iterator, log
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.iterator)
-        self.log.append([hashlib.sha1(row.tobytes()).hexdigest() for row in batch["pixel_values"]])
-        return batch
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def close(self):
-        self.iterator.close()
-
-
-class RecordingTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.batches = []
-
-    def open_source(self, stage, data_iter):
-        return Recorder(super().open_source(stage, data_iter), self.batches)
-
-
-def _data_iter(workdir, step):
-    with checkpoint.train_manager(os.path.join(workdir, "checkpoints"), max_to_keep=3, keep_every=0,
-                                  async_save=False) as mgr:
-        return checkpoint.restore_item(mgr, step, checkpoint.DATA_ITER)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference"))
@@ -94,19 +33,10 @@ def reference(tmp_path_factory):
 
 def test_trains_on_embedded_task_and_logs_eval(reference):
     workdir, trainer, result = reference
-    losses = [result.losses[s] for s in range(1, STEPS + 1)]
-    assert all(math.isfinite(x) for x in losses)
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
-    assert losses[-1] < losses[0] - 0.3, losses
+    records = check_learning_run(result, workdir, STEPS, [4, 8])
     # The tokenizer was trained once into the workdir; its <|image|> id is what the config says.
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     assert tokenizer.image_id == 1 and tokenizer.vocab_size <= 128
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-    assert sorted(evals) == [4, 8] and all(math.isfinite(v) for v in evals.values())
-    assert evals[8] < evals[4]
     accuracy = [r["eval_accuracy/digits_qa/test"] for r in records if "eval_loss" in r]
     assert len(accuracy) == 2 and all(a in {k / 6 for k in range(7)} for a in accuracy)  # greedy, 6 answers
     assert all(0 < r["supervised_fraction"] < 1 for r in records)
@@ -120,7 +50,7 @@ def test_resume_continues_data_stream_and_is_bitwise_exact(reference, tmp_path):
     workdir = str(tmp_path / "cut")
     first = RecordingTrainer(tiny_config(workdir, *CUT, f"train.steps={STEPS // 2}"), echo=lambda _: None)
     first.run()
-    half = _data_iter(workdir, STEPS // 2)
+    half = data_iter(workdir, STEPS // 2)
     assert half["stage"] == 0 and half["iter"]["kind"] == "grain"
     (state,) = half["iter"]["process_states"]
     assert state["next"] >= STEPS // 2 * 8 and state["process_count"] == 1
@@ -133,7 +63,7 @@ def test_resume_continues_data_stream_and_is_bitwise_exact(reference, tmp_path):
     assert not any("trained a" in m for m in messages)  # the workdir's tokenizer is reused
     # The second run read exactly the batches the uninterrupted run read after the cut: nothing repeated.
     assert first.batches + second.batches == ref_trainer.batches
-    assert _data_iter(workdir, STEPS)["iter"] == _data_iter(ref_dir, STEPS)["iter"]
+    assert data_iter(workdir, STEPS)["iter"] == data_iter(ref_dir, STEPS)["iter"]
     want, got = final_params(ref_dir), final_params(workdir)
     assert want.keys() == got.keys()
     for name in want:

@@ -1,11 +1,18 @@
-"""Shared pieces of the training tests: the tiny config with small batches, and reading back params."""
+"""Shared pieces of the training tests: the tiny config with small batches, reading back params and data-iterator
+state, a trainer that records what it read, and a persistent compilation cache for modules that compile one
+step several times."""
+import hashlib
+import json
+import math
 import os
 
 import jax
 import numpy as np
+import pytest
 
 from vlm_jax.config import load_config
 from vlm_jax.train import checkpoint
+from vlm_jax.train.loop import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "models", "tiny_mllama.yaml")
@@ -24,3 +31,80 @@ def final_params(workdir, step=None) -> dict:
         path = os.path.join(path, str(step))
     params = checkpoint.restore_params(path)
     return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def data_iter(workdir, step) -> dict:
+    """The data_iter checkpoint item a run saved at `step`."""
+    with checkpoint.train_manager(os.path.join(workdir, "checkpoints"), max_to_keep=3, keep_every=0,
+                                  async_save=False) as mgr:
+        return checkpoint.restore_item(mgr, step, checkpoint.DATA_ITER)
+
+
+class Recorder:
+    """Wraps a training iterator: notes a hash of every row's images."""
+
+    def __init__(self, iterator, log: list):
+        self.iterator, self.log = iterator, log
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.log.append([hashlib.sha1(row.tobytes()).hexdigest() for row in batch["pixel_values"]])
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def close(self):
+        self.iterator.close()
+
+
+class RecordingTrainer(Trainer):
+    """A Trainer whose `batches` lists, per training batch read, the hashes of its rows' images."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches = []
+
+    def open_source(self, stage, data_iter):
+        return Recorder(super().open_source(stage, data_iter), self.batches)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Import into a test module whose runs compile the same step: a persistent cache compiles it once
+    (private API, best effort)."""
+    try:
+        from jax._src import compilation_cache as cc
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                  "jax_persistent_cache_min_compile_time_secs",
+                                                  "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def check_learning_run(result, workdir: str, steps: int, eval_steps: list[int]) -> list[dict]:
+    """A short run's losses are finite and fall, metrics.jsonl logged every step, and the held-out loss at
+    `eval_steps` falls too; returns the metrics records."""
+    losses = [result.losses[s] for s in range(1, steps + 1)]
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    assert losses[-1] < losses[0] - 0.3, losses
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(evals) == eval_steps and all(math.isfinite(v) for v in evals.values())
+    assert evals[eval_steps[-1]] < evals[eval_steps[0]]
+    return records

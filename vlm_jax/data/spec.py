@@ -8,6 +8,9 @@ from vlm_jax.data.tiling import supported_aspect_ratios
 FAMILIES = ("cross_attention", "unified")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+# (mean, std) of the image processors published with each ViT kind (LLaVA 1.5: CLIP's; Idefics3: SigLIP's).
+TOWER_NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,13 @@ class InputSpec:
 
 
 def input_spec_from_model(model_cfg) -> InputSpec:
-    """The InputSpec of a vlm_jax ModelConfig (Mllama family)."""
+    """The InputSpec of a vlm_jax ModelConfig: Mllama (cross_attention) or LLaVA/Idefics3 (unified)."""
+    from vlm_jax.config import UNIFIED_FAMILIES
+    if model_cfg.family in UNIFIED_FAMILIES:
+        return _unified_spec(model_cfg)
     if model_cfg.family != "mllama":
-        raise ValueError(f"input_spec_from_model: family '{model_cfg.family}' has no mapping yet; "
-                         "build InputSpec(family='unified', ...) directly")
+        raise ValueError(f"model.family '{model_cfg.family}' is not a vision-language model the data pipeline "
+                         "can feed; use mllama, llava or idefics3")
     v = model_cfg.vision
     grids = supported_aspect_ratios(v.max_num_tiles)
     if tuple(map(tuple, v.supported_aspect_ratios)) != grids:
@@ -39,3 +45,13 @@ def input_spec_from_model(model_cfg) -> InputSpec:
                          "tiler numbers aspect_ratio_ids) for max_num_tiles={v.max_num_tiles}")
     return InputSpec("cross_attention", v.image_size, v.max_num_tiles, tuple(v.image_mean), tuple(v.image_std),
                      image_token_id=model_cfg.image_token_index)
+
+
+def _unified_spec(model_cfg) -> InputSpec:
+    """Each image slot is one model.vit.image_size square, expanded to as many <image> tokens as the connector
+    returns features (the model's own count, `tokens_per_image`)."""
+    from vlm_jax.models.unified import tokens_per_image  # models import the config, which imports data/
+    v = model_cfg.vit
+    mean, std = TOWER_NORMALIZATION[v.kind]
+    return InputSpec("unified", v.image_size, image_mean=mean, image_std=std,
+                     tokens_per_image=tokens_per_image(model_cfg), image_token_id=model_cfg.image_token_index)

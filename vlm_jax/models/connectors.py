@@ -1,7 +1,8 @@
 """Connectors: per-image vision features -> tokens in the text embedding space (unified families).
 
 Each connector takes one (M, T, D) feature array per vision tower and returns (M, T', text hidden);
-`tokens_per_image` says T' for T tower tokens, which is what the data pipeline must put `<image>` tokens for.
+`tokens_per_image` says T' for T tower tokens, which is what the data pipeline must put `<image>` tokens for;
+`forward_flops` counts one image's matmul FLOPs (2 per multiply-accumulate) for MFU.
 """
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def _kw(cfg: ModelConfig):
     return dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
 
 
+def feature_width(cfg: ModelConfig) -> int:
+    """Channels of one tower's selected features (several feature layers are concatenated)."""
+    return cfg.vit.hidden_size * max(1, len(cfg.connector.feature_layers))
+
+
+def _projector_flops(cfg: ModelConfig, tokens: int) -> float:
+    hidden = cfg.text.hidden_size
+    return 2.0 * tokens * (feature_width(cfg) * hidden + hidden * hidden)
+
+
 def _projector(cfg: ModelConfig) -> GeluMLP:
     c, hidden = cfg.connector, cfg.text.hidden_size
     return GeluMLP(hidden, "vision_out", "mlp", c.hidden_act, out_features=hidden, out_axis="embed",
@@ -46,10 +57,16 @@ class Connector(nn.Module):
         """Output tokens per image for `tokens` tower tokens (token-preserving unless overridden)."""
         return tokens
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, tokens: int) -> float:
+        """Forward FLOPs for one image of `tokens` tower tokens."""
+        raise NotImplementedError
+
 
 @register_connector("mlp")
 class MLPProjector(Connector):
     """LLaVA: linear_2(act(linear_1(x)))."""
+    forward_flops = staticmethod(_projector_flops)
 
     @nn.compact
     def __call__(self, features):
@@ -61,6 +78,7 @@ class MLPProjector(Connector):
 class DualEncoderMerge(Connector):
     """POINTS: a general and an OCR tower's features, averaged with learned (softmax) weights, then the
     LLaVA projector. Weights start equal."""
+    forward_flops = staticmethod(_projector_flops)
 
     @nn.compact
     def __call__(self, features):
@@ -88,6 +106,10 @@ class PixelShuffleProjector(Connector):
     def tokens_per_image(cfg: ModelConfig, tokens: int) -> int:
         return tokens // cfg.connector.scale_factor ** 2
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, tokens: int) -> float:
+        return 2.0 * tokens * feature_width(cfg) * cfg.text.hidden_size  # s^2 x fewer tokens, s^2 x wider
+
     @nn.compact
     def __call__(self, features):
         (x,) = features
@@ -103,6 +125,16 @@ class PerceiverResampler(Connector):
     @staticmethod
     def tokens_per_image(cfg: ModelConfig, tokens: int) -> int:
         return cfg.connector.num_latents
+
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, tokens: int) -> float:
+        h, latents = cfg.text.hidden_size, cfg.connector.num_latents
+        context = tokens + latents
+        layer = (2 * latents * h * h * 2  # q and o projections
+                 + 2 * context * h * h * 2  # k and v projections of features + latents
+                 + 4 * latents * context * h  # scores and values
+                 + 2 * latents * 3 * h * cfg.text.intermediate_size)  # SwiGLU
+        return 2.0 * tokens * feature_width(cfg) * h + cfg.connector.num_layers * layer
 
     @nn.compact
     def __call__(self, features):

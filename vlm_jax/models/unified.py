@@ -3,7 +3,8 @@ embeddings of the shared Llama decoder (hf_layouts.md B, C).
 
 Shapes are static under jit: every image slot is encoded, and the k-th `<image>` token in row-major
 (batch, sequence) order takes the k-th feature row of the real images in order, so padding slots are skipped
-without dynamic shapes. The data pipeline guarantees the counts agree (`check_image_tokens`).
+without dynamic shapes. The data pipeline guarantees the counts agree: it expands each `<image>` to
+`tokens_per_image` tokens (`input_spec_from_model`), and `encode_images` checks the connector returns that many.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ from vlm_jax.models.text import DecoderInputs, TextDecoder, packing_defaults
 from vlm_jax.models.vit import ViT, ViTOutput
 
 
+def feature_tokens(cfg: ModelConfig) -> int:
+    """Tower tokens per image that reach the connector (`select_features`)."""
+    c = cfg.connector
+    return cfg.vit.num_tokens - int(bool(c.feature_layers) and c.feature_strategy == "default")
+
+
 def tokens_per_image(cfg: ModelConfig) -> int:
     """`<image>` tokens the data pipeline must emit per image."""
-    c = cfg.connector
-    tower_tokens = cfg.vit.num_tokens - int(bool(c.feature_layers) and c.feature_strategy == "default")
-    return CONNECTORS[c.kind].tokens_per_image(cfg, tower_tokens)
+    return CONNECTORS[cfg.connector.kind].tokens_per_image(cfg, feature_tokens(cfg))
 
 
 def check_image_tokens(input_ids, num_images: int, cfg: ModelConfig):
@@ -89,6 +94,10 @@ class UnifiedVLM(nn.Module):
         towers = [self.vision] + ([self.ocr_vision] if cfg.ocr_vit is not None else [])
         features = [select_features(tower(pixels, patch_mask), cfg) for tower in towers]
         tokens = self.connector(features)
+        if tokens.shape[1] != tokens_per_image(cfg):  # static: fails at trace time, before any mis-scatter
+            raise ValueError(f"connector '{cfg.connector.kind}' returns {tokens.shape[1]} tokens per image but "
+                             f"tokens_per_image() says {tokens_per_image(cfg)}, which the data pipeline expands "
+                             "each <image> to; fix the connector's tokens_per_image")
         return constrain(tokens.reshape(b, n, *tokens.shape[1:]), ("batch", None, "vision_length", "act_embed"))
 
     def __call__(self, input_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None,

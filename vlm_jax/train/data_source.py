@@ -13,11 +13,19 @@ from typing import Protocol
 
 import numpy as np
 
-from vlm_jax.config import ModelConfig, SyntheticDataConfig
+from vlm_jax.config import UNIFIED_FAMILIES, ModelConfig, SyntheticDataConfig
 from vlm_jax.errors import ConfigError
 
+# Batch keys the model takes, per family (the rest, e.g. loss_mask, only feed the loss).
 MODEL_INPUTS = ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
-                "segment_ids", "positions", "image_segment_ids")
+                "segment_ids", "positions", "image_segment_ids")  # cross-attention (Mllama)
+UNIFIED_INPUTS = ("input_ids", "pixel_values", "image_mask", "segment_ids", "positions")  # LLaVA, Idefics3
+
+
+def model_inputs(batch: dict, model: ModelConfig) -> dict:
+    """The entries of `batch` that `model`'s family takes as keyword arguments."""
+    keys = UNIFIED_INPUTS if model.family in UNIFIED_FAMILIES else MODEL_INPUTS
+    return {k: batch[k] for k in keys if k in batch}
 
 
 class BatchSource(Protocol):
@@ -32,6 +40,9 @@ class SyntheticSource:
     after BOS and one image token; the second half of the row is supervised; the image is random tiles."""
 
     def __init__(self, model: ModelConfig, data: SyntheticDataConfig, batch_size: int, seed: int):
+        if model.family != "mllama":
+            raise ConfigError(f"model.family '{model.family}': synthetic batches (data.sources empty) are Mllama-"
+                              "shaped; set data.sources, e.g. [{kind: embedded, name: digits_qa}]")
         v = model.vision
         ratio = (1, data.num_tiles)
         if ratio not in v.supported_aspect_ratios:
@@ -127,6 +138,9 @@ class PipelineData:
             if rows % micro:
                 raise ConfigError(f"train.microbatches ({micro}) must divide the global batch {rows} "
                                   f"(data.shapes.batch_size {data.shapes.batch_size} x {self.process_count} processes)")
+            if cfg.train.eval_examples and self.spec.family != "cross_attention":
+                raise ConfigError("train.eval_examples (greedy-answer accuracy) needs a cross-attention (mllama) "
+                                  f"model; set train.eval_examples=0 for '{cfg.model.family}'")
             if cfg.train.eval_every and not data.eval_sources:
                 raise ConfigError("train.eval_every is set but data.eval_sources is empty; list held-out sources "
                                   "(e.g. the embedded task's split: test) or set train.eval_every=0")

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from vlm_jax import sharding
-from vlm_jax.config import Config
+from vlm_jax.config import CONTRASTIVE_FAMILIES, Config
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.models.vlm import abstract_params, build_model, init_params
 from vlm_jax.train import checkpoint, flops
@@ -88,7 +88,13 @@ class Trainer:
         self.plans = {}
         self.ckpt_dir = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
         # data.sources set: batches come from the Grain pipeline (see PipelineData); otherwise synthetic.
-        self.data = PipelineData(cfg, self.stages, echo) if cfg.data.sources else None
+        # CLIP/SigLIP: (image, caption) pairs of embedded tasks (see ContrastiveData).
+        self.contrastive = cfg.model.family in CONTRASTIVE_FAMILIES
+        if self.contrastive:
+            from vlm_jax.train.contrastive_data import ContrastiveData
+            self.data = ContrastiveData(cfg, self.stages, echo)
+        else:
+            self.data = PipelineData(cfg, self.stages, echo) if cfg.data.sources else None
 
     def plan(self, stage: Stage) -> StagePlan:
         if stage.index not in self.plans:
@@ -278,7 +284,7 @@ class Trainer:
                     stage=stage.name)
                 if eval_due:
                     record["eval_loss"] = self.evaluate(eval_fn, state.params, stage)
-                    record.update(self.eval_accuracy(state.params, stage))
+                    record.update(self.task_metrics(state.params, stage))
                 logger.write(record)
                 timed = []
             if step % train.checkpoint.every_steps == 0 or step == stage_end or stop.requested:
@@ -307,8 +313,11 @@ class Trainer:
             weight += float(out["supervised_tokens"])
         return total / max(weight, 1.0)
 
-    def eval_accuracy(self, params, stage: Stage) -> dict[str, float]:
-        """eval_accuracy/<source> of greedy answers to the first `train.eval_examples` held-out records."""
+    def task_metrics(self, params, stage: Stage) -> dict[str, float]:
+        """Task metrics logged beside eval_loss: contrastive models' held-out retrieval recall@k (and chance);
+        otherwise eval_accuracy/<source> of greedy answers to the first `train.eval_examples` held-out records."""
+        if self.contrastive:
+            return self.data.eval_metrics(self.model, params, stage.index, self.place, self.mesh, self.rules)
         if self.data is None or not self.cfg.train.eval_examples:
             return {}
         from vlm_jax.infer.answer import Answerer

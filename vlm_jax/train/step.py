@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import optax
 
 from vlm_jax import sharding
-from vlm_jax.config import TrainConfig
+from vlm_jax.config import CONTRASTIVE_FAMILIES, TrainConfig
 from vlm_jax.models.layers import dtype_of
 from vlm_jax.train import loss as losses
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.data_source import MODEL_INPUTS
+from vlm_jax.train.contrastive_loss import contrastive_loss_sums
+from vlm_jax.train.data_source import model_inputs
 from vlm_jax.train.recipe import Stage
 from vlm_jax.train.state import TrainState
 
@@ -28,8 +29,9 @@ def batch_shardings(example_batch: dict, mesh, rules) -> dict:
 
 
 def loss_sums(model, params, batch: dict, chunk: int) -> losses.LossSums:
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    if model.config.family in CONTRASTIVE_FAMILIES:  # CLIP / SigLIP: over the global batch
+        return contrastive_loss_sums(model, params, batch)
+    hidden = model.apply({"params": params}, **model_inputs(batch, model.config), return_hidden=True)
     targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"])
     kernel = losses.lm_head_kernel(params, model.config)
     return losses.chunked_loss(hidden, kernel, targets, weights, chunk, dtype_of(model.config.dtype))
