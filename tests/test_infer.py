@@ -61,8 +61,7 @@ def test_answers_equal_transformers_generate_and_do_not_depend_on_batching(train
 
     to_hf(model, params, str(tmp_path / "hf"))
     hf_model = load_hf_mllama(str(tmp_path / "hf"))
-    theirs = np.concatenate([hf_generate(hf_model, answerer.prompts(records[i:i + 8])[0], answerer.sampling)[
-        :len(records[i:i + 8])] for i in range(0, len(records), 8)])
+    theirs, _ = answerer.generate_tokens(records, backend=lambda p: hf_generate(hf_model, p, answerer.sampling))
     np.testing.assert_array_equal(ours, theirs)
 
     one_by_one = Answerer(model, params, tokenizer, cfg.data, batch_size=1, max_new_tokens=5)

@@ -2,7 +2,6 @@
 logged, a run cut in two resumes bitwise exactly with the data stream continuing, config mistakes are one line."""
 import os
 
-import numpy as np
 import pytest
 
 from vlm_jax.cli import main as cli_main
@@ -10,8 +9,8 @@ from vlm_jax.config import load_config, stage_data_config
 from vlm_jax.data import load_tokenizer
 from vlm_jax.errors import ConfigError
 from vlm_jax.train.loop import Trainer
-from train_helpers import (TINY, RecordingTrainer, check_learning_run, compilation_cache,  # noqa: F401
-                           data_iter, final_params, tiny_config)
+from train_helpers import (TINY, check_learning_run, check_resume_matches_reference,
+                           compilation_cache, data_iter, reference_run, tiny_config)  # noqa: F401 (fixture)
 
 STEPS = 8
 DATA = ["model.image_token_index=1",  # the <|image|> id of the tokenizer trained on the embedded tasks
@@ -26,9 +25,7 @@ CUT = [f"train.stages=[{{name: train, steps: {STEPS}}}]", *DATA]
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    trainer = RecordingTrainer(tiny_config(workdir, *FULL), echo=lambda _: None)
-    return workdir, trainer, trainer.run()
+    return reference_run(tmp_path_factory, tiny_config, FULL)
 
 
 def test_trains_on_embedded_task_and_logs_eval(reference):
@@ -46,28 +43,13 @@ def test_trains_on_embedded_task_and_logs_eval(reference):
 
 
 def test_resume_continues_data_stream_and_is_bitwise_exact(reference, tmp_path):
-    ref_dir, ref_trainer, _ = reference
     workdir = str(tmp_path / "cut")
-    first = RecordingTrainer(tiny_config(workdir, *CUT, f"train.steps={STEPS // 2}"), echo=lambda _: None)
-    first.run()
+    messages = check_resume_matches_reference(reference, tiny_config, workdir, CUT, STEPS)
+    assert not any("trained a" in m for m in messages)  # the workdir's tokenizer is reused
     half = data_iter(workdir, STEPS // 2)
     assert half["stage"] == 0 and half["iter"]["kind"] == "grain"
     (state,) = half["iter"]["process_states"]
     assert state["next"] >= STEPS // 2 * 8 and state["process_count"] == 1
-
-    messages = []
-    second = RecordingTrainer(tiny_config(workdir, *CUT, f"train.steps={STEPS}"), echo=messages.append)
-    result = second.run()
-    assert int(result.state.step) == STEPS
-    assert any(f"step {STEPS // 2}" in m and "resumed" in m for m in messages)
-    assert not any("trained a" in m for m in messages)  # the workdir's tokenizer is reused
-    # The second run read exactly the batches the uninterrupted run read after the cut: nothing repeated.
-    assert first.batches + second.batches == ref_trainer.batches
-    assert data_iter(workdir, STEPS)["iter"] == data_iter(ref_dir, STEPS)["iter"]
-    want, got = final_params(ref_dir), final_params(workdir)
-    assert want.keys() == got.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_image_token_mismatch_is_one_line_config_error(tmp_path, capsys):

@@ -20,8 +20,8 @@ from vlm_jax.models.vlm import build_model, init_params
 from vlm_jax.train import flops
 from vlm_jax.train.data_source import PipelineData, SyntheticSource, model_inputs
 from vlm_jax.train.recipe import resolve_stages
-from train_helpers import (ROOT, RecordingTrainer, check_learning_run, compilation_cache,  # noqa: F401 (fixture)
-                           data_iter, final_params)
+from train_helpers import (ROOT, check_learning_run, check_resume_matches_reference, compilation_cache,
+                           data_iter, final_params, reference_run)  # noqa: F401 (fixture)
 
 EXAMPLE = os.path.join(ROOT, "configs", "examples", "digits_llava.yaml")
 MODELS = os.path.join(ROOT, "configs", "models")
@@ -39,9 +39,7 @@ def example_config(workdir, *overrides):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    trainer = RecordingTrainer(example_config(workdir, *FULL), echo=lambda _: None)
-    return workdir, trainer, trainer.run()
+    return reference_run(tmp_path_factory, example_config, FULL)
 
 
 def test_llava_trains_on_embedded_task_and_logs_eval(reference):
@@ -55,24 +53,11 @@ def test_llava_trains_on_embedded_task_and_logs_eval(reference):
 
 
 def test_llava_resume_continues_data_stream_and_is_bitwise_exact(reference, tmp_path):
-    ref_dir, ref_trainer, _ = reference
     workdir = str(tmp_path / "cut")
-    first = RecordingTrainer(example_config(workdir, *CUT, f"train.steps={STEPS // 2}"), echo=lambda _: None)
-    first.run()
+    check_resume_matches_reference(reference, example_config, workdir, CUT, STEPS)
     (state,) = data_iter(workdir, STEPS // 2)["iter"]["process_states"]
     assert state["next"] >= STEPS // 2 * 8 * 2  # packed: two samples per row
-
-    messages = []
-    second = RecordingTrainer(example_config(workdir, *CUT, f"train.steps={STEPS}"), echo=messages.append)
-    result = second.run()
-    assert int(result.state.step) == STEPS
-    assert any(f"step {STEPS // 2}" in m and "resumed" in m for m in messages)
-    assert first.batches + second.batches == ref_trainer.batches
-    assert data_iter(workdir, STEPS)["iter"] == data_iter(ref_dir, STEPS)["iter"]
-    want, got = final_params(ref_dir), final_params(workdir)
-    assert want.keys() == got.keys() and any(k.startswith("connector/") for k in want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert any(k.startswith("connector/") for k in final_params(workdir))
 
 
 @pytest.mark.parametrize("model", ["tiny_llava", "tiny_idefics3"])

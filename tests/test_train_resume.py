@@ -100,6 +100,6 @@ def test_kill_during_async_save_leaves_restorable_checkpoint(env, tmp_path):
     trainer = Trainer(tiny_config(workdir, *RUN), echo=messages.append)
     with checkpoint.train_manager(ckpt_dir, max_to_keep=3, keep_every=0, async_save=False) as mgr:
         state, _, data_iter = trainer.restore(mgr)
-    assert int(state.step) == max(committed) and data_iter["iter"]["index"] == max(committed)
+    assert int(state.step) == max(committed) and data_iter["iter"]["position"] == max(committed)
     leftovers = checkpoint.incomplete_steps(ckpt_dir)
     assert all(any(name in m for m in messages) for name in leftovers)

@@ -108,3 +108,30 @@ def check_learning_run(result, workdir: str, steps: int, eval_steps: list[int]) 
     assert sorted(evals) == eval_steps and all(math.isfinite(v) for v in evals.values())
     assert evals[eval_steps[-1]] < evals[eval_steps[0]]
     return records
+
+
+def reference_run(tmp_path_factory, make_config, overrides) -> tuple[str, RecordingTrainer, object]:
+    """(workdir, trainer, result) of an uninterrupted recorded run, for a module-scoped fixture."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    trainer = RecordingTrainer(make_config(workdir, *overrides), echo=lambda _: None)
+    return workdir, trainer, trainer.run()
+
+
+def check_resume_matches_reference(reference, make_config, workdir: str, cut, steps: int) -> list[str]:
+    """Runs the single-stage `cut` overrides to steps // 2, then again to `steps` in the same workdir. The
+    second run resumes; together they read exactly the reference run's batches (nothing repeated or skipped)
+    and end with its data-iterator state and bitwise its params. Returns the second run's messages."""
+    ref_dir, ref_trainer, _ = reference
+    first = RecordingTrainer(make_config(workdir, *cut, f"train.steps={steps // 2}"), echo=lambda _: None)
+    first.run()
+    messages = []
+    second = RecordingTrainer(make_config(workdir, *cut, f"train.steps={steps}"), echo=messages.append)
+    assert int(second.run().state.step) == steps
+    assert any(f"step {steps // 2}" in m and "resumed" in m for m in messages)
+    assert first.batches + second.batches == ref_trainer.batches
+    assert data_iter(workdir, steps)["iter"] == data_iter(ref_dir, steps)["iter"]
+    want, got = final_params(ref_dir), final_params(workdir)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    return messages

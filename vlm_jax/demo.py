@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from vlm_jax.config import load_config
-from vlm_jax.infer.evaluate import SourceResult, evaluate_sources, read_records, results_table
+from vlm_jax.infer.evaluate import SourceResult, evaluate_records, read_records, results_table, source_label
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -47,24 +47,19 @@ def plot(metrics_path: str, out_path: str):
 
 
 def compare_with_pytorch(answerer, hf_dir: str, records_per_task: dict[str, list[dict]],
-                         jax_tokens: dict[str, np.ndarray]) -> tuple[dict[str, int], list[tuple]]:
-    """PyTorch greedy answers of the exported model to the same prompts; per-task disagreement counts and
-    sample rows (task, question answer, JAX answer, PyTorch answer)."""
+                         results: list[SourceResult]) -> tuple[dict[str, int], list[tuple]]:
+    """PyTorch greedy answers of the exported model to the same prompts, against the JAX answers in `results`;
+    per-task disagreement counts and sample rows (task, question, truth, JAX answer, PyTorch answer)."""
     from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
     hf_model = load_hf_mllama(hf_dir)
     mismatches, shown = {}, []
-    for task, records in records_per_task.items():
-        theirs = []
-        for start in range(0, len(records), answerer.batch_size):
-            chunk = records[start:start + answerer.batch_size]
-            prompts, _ = answerer.prompts(chunk)
-            theirs.append(hf_generate(hf_model, prompts, answerer.sampling)[:len(chunk)])
-        theirs = np.concatenate(theirs)
-        ours = jax_tokens[task]
-        mismatches[task] = int(np.sum(np.any(ours != theirs, axis=1)))
-        rows = list(zip(records, answerer.decode(ours), answerer.decode(theirs)))
+    for result in results:
+        records = records_per_task[result.label]
+        theirs, _ = answerer.generate_tokens(records, backend=lambda p: hf_generate(hf_model, p, answerer.sampling))
+        mismatches[result.label] = int(np.sum(np.any(result.tokens != theirs, axis=1)))
+        rows = list(zip(records, answerer.decode(result.tokens), answerer.decode(theirs)))
         for record, a, b in rows[::max(1, len(rows) // SHOW_PER_TASK)][:SHOW_PER_TASK]:
-            shown.append((task, record["turns"][0][1].replace("<image>", ""), record["turns"][-1][1], a, b))
+            shown.append((result.label, record["turns"][0][1].replace("<image>", ""), record["turns"][-1][1], a, b))
     return mismatches, shown
 
 
@@ -92,7 +87,8 @@ def main(argv: list[str]) -> int:
                         batch_size=cfg.data.shapes.batch_size * 4, max_new_tokens=4)
     print("\n== held-out accuracy (greedy, VQAv2-normalised exact match); the blind baseline always gives the "
           "most common answer, the best a model that cannot see the image can do")
-    results: list[SourceResult] = evaluate_sources(answerer, cfg.data.eval_sources)
+    records = {source_label(s): read_records(s)[0] for s in cfg.data.eval_sources}
+    results = [evaluate_records(answerer, label, recs) for label, recs in records.items()]
     print(results_table(results))
 
     plot_path = os.path.join(workdir, "demo.png")
@@ -105,9 +101,7 @@ def main(argv: list[str]) -> int:
     shutil.copy(os.path.join(workdir, "tokenizer.model"), hf_dir)
     print(f"exported to Hugging Face format: {hf_dir}")
 
-    records = {r.label: read_records(s)[0] for r, s in zip(results, cfg.data.eval_sources)}
-    jax_tokens = {label: answerer.generate_tokens(recs)[0] for label, recs in records.items()}
-    mismatches, shown = compare_with_pytorch(answerer, hf_dir, records, jax_tokens)
+    mismatches, shown = compare_with_pytorch(answerer, hf_dir, records, results)
     print("\n== held-out questions answered by JAX (vlm_jax) and by PyTorch (transformers generate on the export)")
     print(f"{'task':<22}{'question':<30}{'truth':<8}{'JAX':<8}PyTorch")
     for task, question, truth, ours, theirs in shown:

@@ -3,7 +3,7 @@ the same encoder layer names; CLIP adds bias-free projections, SigLIP a text hea
 from __future__ import annotations
 
 from vlm_jax.config import ModelConfig, load_model_config
-from vlm_jax.convert.keymap import COPY, LINEAR, Rule, Stack, reshaped
+from vlm_jax.convert.keymap import COPY, LINEAR, Rule, Stack, layer_norm, reshaped
 from vlm_jax.convert.vit import encoder_rules, encoder_stack, vit_from_hf, vit_rules, vit_to_hf
 
 MODEL_TYPES = ("clip", "siglip")
@@ -21,8 +21,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     e = cfg.text_encoder
     text = [("token_embedding", "embeddings.token_embedding.weight", COPY),
             ("position_embedding", "embeddings.position_embedding.weight", COPY),
-            ("final_layer_norm/scale", "final_layer_norm.weight", COPY),
-            ("final_layer_norm/bias", "final_layer_norm.bias", COPY)]
+            *layer_norm("final_layer_norm", "final_layer_norm")]
     if cfg.family == "siglip":
         text += [("head/kernel", "head.weight", LINEAR), ("head/bias", "head.bias", COPY)]
         top = [Rule("logit_scale", "logit_scale", COPY), Rule("logit_bias", "logit_bias", COPY)]

@@ -12,10 +12,7 @@ MODEL_TYPE = "idefics3"
 COMPONENTS = [
     ("vision_model", r"vision/"),
     ("connector", r"connector/"),
-    ("text.embed_tokens", r"text/embed_tokens/"),
-    ("text.layers", r"text/(decoder|norm)/"),
-    ("text.lm_head", r"text/lm_head/"),
-]
+] + llama.TEXT_COMPONENTS
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:

@@ -53,6 +53,16 @@ def linear(contract_dims: int = 1) -> Transform:
 LINEAR, LINEAR_HEADS_IN = linear(1), linear(2)
 
 
+def layer_norm(ours: str, hf: str) -> list[tuple[str, str, Transform]]:
+    """(ours, hf, transform) entries of a LayerNorm: scale <-> weight, bias <-> bias."""
+    return [(f"{ours}/scale", f"{hf}.weight", COPY), (f"{ours}/bias", f"{hf}.bias", COPY)]
+
+
+# The fc1 -> act -> fc2 MLP with biases of every ViT layer (Mllama, CLIP, SigLIP and its pooling head).
+FC_MLP = [entry for fc in ("fc1", "fc2")
+          for entry in ((f"mlp/{fc}/kernel", f"mlp.{fc}.weight", LINEAR), (f"mlp/{fc}/bias", f"mlp.{fc}.bias", COPY))]
+
+
 @dataclass(frozen=True)
 class Rule:
     ours: str  # '/'-joined path in the per-layer view

@@ -7,6 +7,13 @@ from vlm_jax.convert.keymap import COPY, LINEAR, LINEAR_HEADS_IN, Rule, Stack
 from vlm_jax.errors import ConversionError
 from vlm_jax.models.text import layer_layout
 
+# `vlm-jax info` labels of a Llama decoder's parameters (after any family-specific text entries).
+TEXT_COMPONENTS = [
+    ("text.embed_tokens", r"text/embed_tokens/"),
+    ("text.layers", r"text/(decoder|norm)/"),
+    ("text.lm_head", r"text/lm_head/"),
+]
+
 TEXT_COMMON = [
     ("input_layernorm/scale", "input_layernorm.weight", COPY),
     ("post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),

@@ -16,10 +16,7 @@ TOWER = "vision_tower.vision_model"
 COMPONENTS = [
     ("vision_tower", r"vision/"),
     ("projector", r"connector/"),
-    ("text.embed_tokens", r"text/embed_tokens/"),
-    ("text.layers", r"text/(decoder|norm)/"),
-    ("text.lm_head", r"text/lm_head/"),
-]
+] + llama.TEXT_COMPONENTS
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from vlm_jax.config import MllamaVisionConfig, ModelConfig, load_model_config
-from vlm_jax.convert.keymap import CONV, COPY, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack
+from vlm_jax.convert.keymap import (CONV, COPY, FC_MLP, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack,
+                                    layer_norm)
 from vlm_jax.convert.llama import (TEXT_COMMON, TEXT_SELF, generation_config,  # noqa: F401 (family API)
                                    merge_config, text_from_hf, text_to_hf)
 from vlm_jax.errors import ConversionError
@@ -30,14 +31,8 @@ VISION_LAYER = [
     ("self_attn/k_proj/kernel", "self_attn.k_proj.weight", LINEAR),
     ("self_attn/v_proj/kernel", "self_attn.v_proj.weight", LINEAR),
     ("self_attn/o_proj/kernel", "self_attn.o_proj.weight", LINEAR_HEADS_IN),
-    ("mlp/fc1/kernel", "mlp.fc1.weight", LINEAR),
-    ("mlp/fc1/bias", "mlp.fc1.bias", COPY),
-    ("mlp/fc2/kernel", "mlp.fc2.weight", LINEAR),
-    ("mlp/fc2/bias", "mlp.fc2.bias", COPY),
-    ("input_layernorm/scale", "input_layernorm.weight", COPY),
-    ("input_layernorm/bias", "input_layernorm.bias", COPY),
-    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),
-    ("post_attention_layernorm/bias", "post_attention_layernorm.bias", COPY),
+    *FC_MLP, *layer_norm("input_layernorm", "input_layernorm"),
+    *layer_norm("post_attention_layernorm", "post_attention_layernorm"),
 ]
 VISION_GLOBAL_GATES = [("gate_attn", "gate_attn", COPY), ("gate_ffn", "gate_ffn", COPY)]
 
@@ -51,10 +46,7 @@ VISION_TOP = [
     ("pre_tile_gate", "pre_tile_positional_embedding.gate", COPY),
     ("post_tile_embedding", "post_tile_positional_embedding.embedding.weight", FLATTEN_TAIL),
     ("post_tile_gate", "post_tile_positional_embedding.gate", COPY),
-    ("layernorm_pre/scale", "layernorm_pre.weight", COPY),
-    ("layernorm_pre/bias", "layernorm_pre.bias", COPY),
-    ("layernorm_post/scale", "layernorm_post.weight", COPY),
-    ("layernorm_post/bias", "layernorm_post.bias", COPY),
+    *layer_norm("layernorm_pre", "layernorm_pre"), *layer_norm("layernorm_post", "layernorm_post"),
 ]
 
 TEXT_CROSS = [(f"cross_attn/{p}_proj/kernel", f"cross_attn.{p}_proj.weight", LINEAR) for p in "qkv"] + [

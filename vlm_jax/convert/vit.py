@@ -3,34 +3,20 @@ CLIP and SigLIP conversions (hf_layouts.md B, C)."""
 from __future__ import annotations
 
 from vlm_jax.config import ViTConfig
-from vlm_jax.convert.keymap import CONV, COPY, FLAT, LINEAR, LINEAR_HEADS_IN, Rule, Stack
+from vlm_jax.convert.keymap import CONV, COPY, FC_MLP, FLAT, LINEAR, LINEAR_HEADS_IN, Rule, Stack, layer_norm
 
 ENCODER_LAYER = [(f"self_attn/{p}_proj/{w}", f"self_attn.{p}_proj.{hw}", t)
                  for p in "qkv" for w, hw, t in (("kernel", "weight", LINEAR), ("bias", "bias", FLAT))] + [
     ("self_attn/o_proj/kernel", "self_attn.out_proj.weight", LINEAR_HEADS_IN),
     ("self_attn/o_proj/bias", "self_attn.out_proj.bias", COPY),
-    ("input_layernorm/scale", "layer_norm1.weight", COPY),
-    ("input_layernorm/bias", "layer_norm1.bias", COPY),
-    ("post_attention_layernorm/scale", "layer_norm2.weight", COPY),
-    ("post_attention_layernorm/bias", "layer_norm2.bias", COPY),
-    ("mlp/fc1/kernel", "mlp.fc1.weight", LINEAR),
-    ("mlp/fc1/bias", "mlp.fc1.bias", COPY),
-    ("mlp/fc2/kernel", "mlp.fc2.weight", LINEAR),
-    ("mlp/fc2/bias", "mlp.fc2.bias", COPY),
-]
+    *layer_norm("input_layernorm", "layer_norm1"), *layer_norm("post_attention_layernorm", "layer_norm2"), *FC_MLP]
 POOLING_HEAD = [
     ("probe", "probe", COPY),
     ("in_proj/kernel", "attention.in_proj_weight", LINEAR),
     ("in_proj/bias", "attention.in_proj_bias", FLAT),
     ("out_proj/kernel", "attention.out_proj.weight", LINEAR_HEADS_IN),
     ("out_proj/bias", "attention.out_proj.bias", COPY),
-    ("layernorm/scale", "layernorm.weight", COPY),
-    ("layernorm/bias", "layernorm.bias", COPY),
-    ("mlp/fc1/kernel", "mlp.fc1.weight", LINEAR),
-    ("mlp/fc1/bias", "mlp.fc1.bias", COPY),
-    ("mlp/fc2/kernel", "mlp.fc2.weight", LINEAR),
-    ("mlp/fc2/bias", "mlp.fc2.bias", COPY),
-]
+    *layer_norm("layernorm", "layernorm"), *FC_MLP]
 
 
 def encoder_rules(ours: str, hf: str, num_layers: int) -> list[Rule]:
@@ -46,12 +32,10 @@ def encoder_stack(ours: str, num_layers: int) -> Stack:
 def vit_rules(v: ViTConfig, ours: str, hf: str) -> list[Rule]:
     top = [("patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
            ("position_embedding", "embeddings.position_embedding.weight", COPY),
-           ("post_layernorm/scale", "post_layernorm.weight", COPY),
-           ("post_layernorm/bias", "post_layernorm.bias", COPY)]
+           *layer_norm("post_layernorm", "post_layernorm")]
     if v.class_token:
         top += [("class_embedding", "embeddings.class_embedding", COPY),
-                ("pre_layernorm/scale", "pre_layrnorm.weight", COPY),  # sic: transformers' spelling
-                ("pre_layernorm/bias", "pre_layrnorm.bias", COPY)]
+                *layer_norm("pre_layernorm", "pre_layrnorm")]  # sic: transformers' spelling
     else:
         top.append(("patch_embedding/bias", "embeddings.patch_embedding.bias", COPY))
     if v.pooling_head:

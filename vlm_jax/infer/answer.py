@@ -69,14 +69,17 @@ class Answerer:
             answers.append(self.tokenizer.decode(row[:stops[0] if len(stops) else len(row)].tolist()).strip())
         return answers
 
-    def generate_tokens(self, records: list[dict], rng=None) -> tuple[np.ndarray, list[str]]:
-        """(new token ids (len(records), max_new_tokens), reference answers), in batches of `batch_size`."""
+    def generate_tokens(self, records: list[dict], rng=None, backend=None) -> tuple[np.ndarray, list[str]]:
+        """(new token ids (len(records), max_new_tokens), reference answers), in batches of `batch_size`.
+        `backend(prompts) -> ids` replaces the JAX generation, e.g. transformers' (`hf_reference.hf_generate`)."""
+        def jax_backend(prompts):
+            return generate(self.model, self.params, model_inputs(prompts), self.sampling, rng)
+
         tokens, references = [], []
         for start in range(0, len(records), self.batch_size):
             chunk = records[start:start + self.batch_size]
             prompts, refs = self.prompts(chunk)
-            out = generate(self.model, self.params, model_inputs(prompts), self.sampling, rng)
-            tokens.append(np.asarray(out)[:len(chunk)])
+            tokens.append(np.asarray((backend or jax_backend)(prompts))[:len(chunk)])
             references += refs
         return np.concatenate(tokens), references
 

@@ -43,11 +43,10 @@ class SourceResult:
     baseline: float  # the best constant answer: what a model blind to the image can reach at most
     perplexity: float  # exp(mean -log p) of the reference answers' tokens (and end of turn)
     skipped: int = 0
-    predictions: list[str] = dataclasses.field(default_factory=list, repr=False)
-    references: list[str] = dataclasses.field(default_factory=list, repr=False)
+    tokens: np.ndarray | None = dataclasses.field(default=None, repr=False)  # the greedy answers' ids
 
     def row(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("predictions", "references")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -71,19 +70,19 @@ def answer_perplexity(answerer: Answerer, records: list[dict]) -> float:
     return math.exp(nll / max(weight, 1.0))
 
 
+def evaluate_records(answerer: Answerer, label: str, records: list[dict], skipped: int = 0,
+                     perplexity: bool = True) -> SourceResult:
+    tokens, references = answerer.generate_tokens(records)
+    correct = [exact_match(p, r) for p, r in zip(answerer.decode(tokens), references)]
+    return SourceResult(label, len(records), float(np.mean(correct)) if correct else 0.0,
+                        majority_baseline(references),
+                        answer_perplexity(answerer, records) if perplexity else float("nan"), skipped, tokens)
+
+
 def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
                      perplexity: bool = True) -> list[SourceResult]:
-    results = []
-    for i, source in enumerate(sources):
-        records, skipped = read_records(source, limit, f"data.eval_sources[{i}]")
-        tokens, references = answerer.generate_tokens(records)
-        predictions = answerer.decode(tokens)
-        correct = [exact_match(p, r) for p, r in zip(predictions, references)]
-        results.append(SourceResult(
-            source_label(source), len(records), float(np.mean(correct)) if correct else 0.0,
-            majority_baseline(references), answer_perplexity(answerer, records) if perplexity else float("nan"),
-            skipped, predictions, references))
-    return results
+    return [evaluate_records(answerer, source_label(s), *read_records(s, limit, f"data.eval_sources[{i}]"),
+                             perplexity=perplexity) for i, s in enumerate(sources)]
 
 
 def results_table(results: list[SourceResult]) -> str:

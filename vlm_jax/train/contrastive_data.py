@@ -19,11 +19,15 @@ would be ill-posed). Chance is min(k, U) / U for U unique captions; it is logged
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 
 from vlm_jax.config import CONTRASTIVE_FAMILIES
 from vlm_jax.data.sources.embedded import DIGIT_WORDS, EmbeddedSource, get_task
 from vlm_jax.errors import ConfigError
+from vlm_jax.train.data_source import SeededStream
 
 CAPTIONS = {
     "digits_qa": lambda a: f"a handwritten {DIGIT_WORDS[int(a)]}",
@@ -98,17 +102,15 @@ class PairReader:
                     attention_mask=mask)
 
 
-class ContrastiveSource:
-    """The resumable training stream (see the module docstring); get_state/set_state are JSON-able."""
+class ContrastiveSource(SeededStream):
+    """The resumable training stream (see the module docstring)."""
+    kind = "contrastive"
 
     def __init__(self, reader: PairReader, tokenizer: WordTokenizer, seq_len: int, rows: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
         self.reader, self.tokenizer, self.seq_len, self.rows, self.seed = reader, tokenizer, seq_len, rows, seed
         self.process_index, self.process_count = process_index, process_count
         self.position, self._perm = 0, (None, None)
-
-    def __iter__(self):
-        return self
 
     def _flat(self, position: int) -> int:
         epoch, k = divmod(position, len(self.reader))
@@ -122,15 +124,6 @@ class ContrastiveSource:
         self.position += self.rows * self.process_count
         return self.reader.batch(flats, self.tokenizer, self.seq_len)
 
-    def get_state(self) -> dict:
-        return {"kind": "contrastive", "seed": self.seed, "position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("kind") != "contrastive" or state.get("seed") != self.seed:
-            raise ConfigError(f"the checkpoint's data iterator {state} does not belong to this contrastive source "
-                              f"(data.seed {self.seed}); use a new workdir")
-        self.position = int(state["position"])
-
     def close(self):
         pass
 
@@ -140,7 +133,6 @@ class ContrastiveData:
     the training stream, the example batch the step compiles for, held-out loss batches and retrieval metrics."""
 
     def __init__(self, cfg, stages, echo=print):
-        import jax
         from vlm_jax.config import stage_data_config
 
         self.cfg, self.model_cfg, self.echo = cfg, cfg.model, echo
@@ -232,7 +224,6 @@ class ContrastiveData:
     def eval_metrics(self, model, params, stage_index: int, place, mesh, rules) -> dict[str, float]:
         """Image->text recall@k over the held-out set's distinct captions, and chance@k (see module docstring)."""
         import flax.linen as nn
-        import jax
         from jax.experimental import multihost_utils
 
         def host(x):  # the global rows, on every process
@@ -243,13 +234,11 @@ class ContrastiveData:
         n = len(reader)
         captions = self._held_out_captions(reader)
         unique = sorted(set(captions))
-        if not hasattr(self, "_embed"):
-            self._embed = jax.jit(lambda p, b: model.apply({"params": p}, **b))
         image_embeds, text_embeds = [], {}
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for start in range(0, n, rows):  # the last batch wraps around to stay full-size
                 flats = [(start + self.process_index * local + j) % n for j in range(local)]
-                out = self._embed(params, place(reader.batch(flats, self.tokenizer, seq_len)))
+                out = _embed(model, params, place(reader.batch(flats, self.tokenizer, seq_len)))
                 image_embeds.append(host(out["image_embeds"]))
             image = np.concatenate(image_embeds)[:n]
             for start in range(0, len(unique), rows):
@@ -257,7 +246,7 @@ class ContrastiveData:
                 ids, mask = self.tokenizer.batch(texts, seq_len)
                 batch = dict(pixel_values=np.zeros_like(self.example(stage_index)["pixel_values"]), input_ids=ids,
                              attention_mask=mask)
-                out = self._embed(params, place(batch))
+                out = _embed(model, params, place(batch))
                 for j, row in enumerate(host(out["text_embeds"])):
                     text_embeds.setdefault(unique[(start + j) % len(unique)], row)
         text = np.stack([text_embeds[c] for c in unique])
@@ -269,6 +258,11 @@ class ContrastiveData:
                 hits = retrieval_over_unique(image[part], text, truth[part], (1,))["eval_recall@1"]
                 out[f"eval_recall@1/{source.task.name}"] = hits
         return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(model, params, batch):
+    return model.apply({"params": params}, **batch)
 
 
 def retrieval_over_unique(image, text, truth, ks=KS) -> dict[str, float]:

@@ -35,9 +35,30 @@ class BatchSource(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-class SyntheticSource:
+class SeededStream:
+    """A batch stream that is a pure function of (seed, position): its JSON state is just those two, so a
+    restored run continues with exactly the batches an uninterrupted one would have read."""
+    kind = ""  # names the stream in its state, so a checkpoint of another kind is refused
+    seed: int
+    position: int = 0
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != self.kind or state.get("seed") != self.seed:
+            raise ConfigError(f"data iterator state {state} does not belong to this {self.kind} source "
+                              f"(seed {self.seed}); start a new workdir")
+        self.position = int(state["position"])
+
+
+class SyntheticSource(SeededStream):
     """Batch i is a pure function of (seed, i): each row is an arithmetic progression of tokens (learnable)
     after BOS and one image token; the second half of the row is supervised; the image is random tiles."""
+    kind = "synthetic"
 
     def __init__(self, model: ModelConfig, data: SyntheticDataConfig, batch_size: int, seed: int):
         if model.family != "mllama":
@@ -50,26 +71,14 @@ class SyntheticSource:
                               f"model.vision.supported_aspect_ratios")
         self.model, self.data, self.batch_size, self.seed = model, data, batch_size, seed
         self.aspect_ratio_id = v.supported_aspect_ratios.index(ratio) + 1
-        self.index = 0
-
-    def __iter__(self):
-        return self
+        self.position = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.data.delay_s:
             time.sleep(self.data.delay_s)
-        batch = self.batch(self.index)
-        self.index += 1
+        batch = self.batch(self.position)
+        self.position += 1
         return batch
-
-    def get_state(self) -> dict:
-        return {"kind": "synthetic", "seed": self.seed, "index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("kind") != "synthetic" or state.get("seed") != self.seed:
-            raise ConfigError(f"data iterator state {state} does not belong to this synthetic source "
-                              f"(seed {self.seed}); start a new workdir")
-        self.index = int(state["index"])
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
         v, t = self.model.vision, self.model.text

@@ -61,8 +61,7 @@ def progress_line(r: dict, total_steps: int = 0) -> str:
         done = min(r["step"] / total_steps, 1.0)
         left = int((total_steps - r["step"]) * r["step_time_s"])
         bar = f"[{'#' * round(done * 20):<20}] {done:4.0%} {left // 60}m{left % 60:02d}s left  "
-    evals = "".join(f"  {k.replace('eval_accuracy/', 'acc ').replace('/test', '')} {v:.3f}"
-                    for k, v in r.items() if k.startswith("eval_"))
+    evals = "".join(f"  {k.replace('eval_accuracy/', 'acc ')} {v:.3f}" for k, v in r.items() if k.startswith("eval_"))
     return (f"{bar}step {r['step']:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
             f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1e3:.1f} ms/step  mfu {r['mfu']:.2%}"
             + (f"  skipped {r['nonfinite_total']}" if r.get("nonfinite_total") else "") + evals)
