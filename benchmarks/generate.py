@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from vlm_jax.config import load_config  # noqa: E402
 from vlm_jax.convert import from_hf  # noqa: E402
 from vlm_jax.data import EmbeddedSource, load_tokenizer  # noqa: E402
-from vlm_jax.infer.answer import Answerer, model_inputs  # noqa: E402
+from vlm_jax.infer.answer import Answerer  # noqa: E402
 from vlm_jax.infer.generate import generate  # noqa: E402
 from vlm_jax.infer.hf_reference import load_hf_mllama, torch_batch  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> int:
     source = EmbeddedSource("digits_qa", "test")
     prompts, _ = answerer.prompts([source[i] for i in range(args.batch)])
     hf_model = load_hf_mllama(args.hf)
-    jax_inputs, torch_inputs = model_inputs(prompts), torch_batch(prompts)
+    jax_inputs, torch_inputs = prompts, torch_batch(prompts)
     prompt_tokens = int(np.sum(prompts["prompt_mask"]))
 
     def run_jax(n):

@@ -16,24 +16,21 @@ from vlm_jax.infer.generate import Sampling, generate
 _LENGTH_BUCKET = 16  # prompt widths are rounded up to this, so a held-out set compiles once or twice
 
 
+_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")  # per image slot: not moved
+
+
 def left_align(batch: dict, lengths: np.ndarray) -> dict:
-    """Right-padded collated rows -> left-padded prompts (`prompt_mask` 1 on real tokens), so every row's
-    next token goes to the same position. Only the token axis moves; image slots stay where they are."""
+    """Right-padded collated rows -> the inputs of `generate`: prompts left-padded (`prompt_mask` 1 on real
+    tokens), so every row's next token goes to the same position, with their images and cross-attention mask.
+    Training-only arrays (loss_mask, packing ids) are dropped."""
     width = batch["input_ids"].shape[1]
-    out = {k: v for k, v in batch.items() if k not in ("input_ids", "cross_attention_mask")}
+    out = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
     out["input_ids"] = np.stack([np.roll(row, width - n) for row, n in zip(batch["input_ids"], lengths)])
     out["prompt_mask"] = (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int32)
     if "cross_attention_mask" in batch:
         out["cross_attention_mask"] = np.stack([np.roll(row, width - n, axis=0)
                                                 for row, n in zip(batch["cross_attention_mask"], lengths)])
     return out
-
-
-def model_inputs(prompts: dict) -> dict:
-    """The arrays `generate` (and transformers' generate, as attention_mask) take from a prompt batch."""
-    keys = ("input_ids", "prompt_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-            "cross_attention_mask")
-    return {k: prompts[k] for k in keys if k in prompts}
 
 
 class Answerer:
@@ -73,7 +70,7 @@ class Answerer:
         """(new token ids (len(records), max_new_tokens), reference answers), in batches of `batch_size`.
         `backend(prompts) -> ids` replaces the JAX generation, e.g. transformers' (`hf_reference.hf_generate`)."""
         def jax_backend(prompts):
-            return generate(self.model, self.params, model_inputs(prompts), self.sampling, rng)
+            return generate(self.model, self.params, prompts, self.sampling, rng)
 
         tokens, references = [], []
         for start in range(0, len(records), self.batch_size):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_jax.infer.answer import model_inputs
 from vlm_jax.infer.generate import Sampling
 
 
@@ -18,7 +17,7 @@ def load_hf_mllama(hf_dir: str):
 def torch_batch(prompts: dict) -> dict:
     """A prompt batch as transformers' Mllama takes it (prompt_mask is the attention mask)."""
     import torch
-    inputs = model_inputs(prompts)
+    inputs = dict(prompts)
     inputs["attention_mask"] = inputs.pop("prompt_mask")
     return {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
 
