@@ -61,7 +61,8 @@ def measure(cfg: DataConfig, spec: InputSpec, tokenizer, seconds: float) -> floa
 def train_step_consumption(cfg: DataConfig, steps: int) -> float:
     """Examples/s the tiny model's real train step consumes on `cfg`'s batches (compilation excluded)."""
     from vlm_jax.config import load_config
-    from vlm_jax.data import input_spec_from_model, load_tokenizer
+    from vlm_jax.data import load_tokenizer
+    from vlm_jax.families import input_spec
     from vlm_jax.train.loop import train
     with tempfile.TemporaryDirectory() as workdir:
         config = load_config(os.path.join(ROOT, "configs/examples/digits_mllama.yaml"), [
@@ -72,7 +73,7 @@ def train_step_consumption(cfg: DataConfig, steps: int) -> float:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             step_seconds = np.mean([json.loads(line)["step_time_s"] for line in f][1:])  # step 1 compiles
         it = build_pipeline(config.data, load_tokenizer(os.path.join(workdir, "tokenizer.model")),
-                            input_spec_from_model(config.model))
+                            input_spec(config.model))
         try:  # the same batches again, to count the packed examples each step consumed
             examples = np.mean([sum(len(set(row[row > 0])) for row in next(it)["segment_ids"]) for _ in range(steps)])
         finally:

@@ -10,7 +10,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vlm_jax.config import load_config  # noqa: E402
-from vlm_jax.models.vlm import build_model, example_inputs, init_params  # noqa: E402
+from vlm_jax.families import build_model, example_inputs, init_params  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/models/tiny_mllama.yaml")
 

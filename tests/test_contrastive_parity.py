@@ -11,7 +11,7 @@ from hf_models import assert_same_tensors, tiny_dual_encoder
 from vlm_jax.convert import from_hf, to_hf
 from vlm_jax.convert.keymap import flatten
 from vlm_jax.convert.safetensors_io import read_dir
-from vlm_jax.losses.contrastive import clip_loss, retrieval_metrics, retrieval_recall, siglip_loss
+from vlm_jax.objectives.contrastive import clip_loss, retrieval_metrics, retrieval_recall, siglip_loss
 
 LOSSES = {"clip": lambda o: clip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"]),
           "siglip": lambda o: siglip_loss(o["image_embeds"], o["text_embeds"], o["logit_scale"], o["logit_bias"])}

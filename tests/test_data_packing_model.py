@@ -7,10 +7,10 @@ import numpy as np
 
 from vlm_jax.config import load_config
 from vlm_jax.data import DataConfig, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig, build_pipeline
-from vlm_jax.data.spec import input_spec_from_model
-from vlm_jax.models.vlm import build_model, init_params
-from vlm_jax.train.data_source import MODEL_INPUTS
-from vlm_jax.train.loss import next_token_targets
+from vlm_jax.families import input_spec
+from vlm_jax.families import build_model, init_params
+from vlm_jax.families.mllama import Mllama
+from vlm_jax.objectives.next_token import next_token_targets
 
 from test_data_pipeline import sample_ids  # noqa: F401  (also registers the "counting" source)
 from test_data_pipeline import tokenizer  # noqa: F401  (pytest fixture)
@@ -21,7 +21,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def per_sample_loss(apply, params, batch, tokenizer) -> dict[int, float]:
     """Summed next-token NLL of each segment's supervised tokens, keyed by the sample's record number."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    inputs = {k: batch[k] for k in Mllama.model_inputs}
     logits = np.asarray(apply({"params": params}, **inputs), np.float64)
     targets, weights = map(np.asarray, next_token_targets(batch["input_ids"], batch["loss_mask"]))
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -37,7 +37,7 @@ def per_sample_loss(apply, params, batch, tokenizer) -> dict[int, float]:
 
 def test_packed_loss_equals_unpacked_loss(tokenizer):  # noqa: F811
     model_cfg = load_config(TINY).model
-    spec = input_spec_from_model(model_cfg)
+    spec = input_spec(model_cfg)
     spec = spec.__class__(**{**spec.__dict__, "image_token_id": None})  # the test tokenizer's own <|image|> id
     model = build_model(model_cfg)
     params = nn.meta.unbox(jax.jit(lambda rng: init_params(model, rng))(jax.random.PRNGKey(0)))

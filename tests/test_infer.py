@@ -15,7 +15,7 @@ from vlm_jax.data import EmbeddedSource, task_texts, train_sentencepiece
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
 from vlm_jax.infer.vqa import exact_match, majority_baseline, normalize_answer
-from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.families import build_model, init_params
 from vlm_jax.train import checkpoint
 
 TASKS = ("digits_qa", "shapes_color", "chart_count")

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from vlm_jax.config import load_config
-from vlm_jax.data import build_pipeline, input_spec_from_model, reshard_states, task_texts, train_sentencepiece
+from vlm_jax.families import input_spec
+from vlm_jax.data import build_pipeline, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.train import checkpoint
 from train_helpers import ROOT, final_params
 
@@ -127,7 +128,7 @@ def test_global_batch_is_the_same_examples_for_one_and_two_processes(tmp_path):
     A re-shard of the 2 processes' states continues with exactly the batches of the 1-process stream."""
     cfg = load_config(CONFIG, [f"workdir={tmp_path}"])
     tokenizer = train_sentencepiece(task_texts(), vocab_size=cfg.model.text.vocab_size)
-    spec = input_spec_from_model(cfg.model)
+    spec = input_spec(cfg.model)
     data = {rows: load_config(CONFIG, [f"workdir={tmp_path}", f"data.shapes.batch_size={rows}"]).data
             for rows in (4, 8)}
     one = build_pipeline(data[8], tokenizer, spec, 0, 1)

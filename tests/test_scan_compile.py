@@ -4,7 +4,7 @@ import time
 import jax
 
 from vlm_jax.config import load_config
-from vlm_jax.models.vlm import build_model, example_inputs, init_params
+from vlm_jax.families import build_model, example_inputs, init_params
 
 
 def _compile_seconds(layers: int) -> float:

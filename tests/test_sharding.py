@@ -1,4 +1,8 @@
-"""The same logits on 1 device and on 8 CPU devices under fsdp and fsdp x tensor rule presets."""
+"""The same logits on 1 device and on 8 CPU devices under fsdp and fsdp x tensor rule presets; the presets
+resolve through their `base:` chains to the tables in tests/golden/mesh_rules.json."""
+
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -10,7 +14,9 @@ from hf_models import mllama_batch
 from vlm_jax import sharding
 from vlm_jax.config import ConfigError, MeshConfig
 from vlm_jax.convert import from_hf
-from vlm_jax.models.vlm import abstract_params
+from vlm_jax.families import abstract_params
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mesh_rules.json")
 
 
 def _batch8():
@@ -59,3 +65,57 @@ def test_sharding_table_lists_every_parameter(hf_mllama_dir):
     table = sharding.sharding_table(abstract_params(model), mesh, sharding.load_rules("fsdp_tp"))
     line = next(l for l in table.splitlines() if l.startswith("text/decoder/layer_0/mlp/up_proj/kernel"))
     assert "('layers', 'embed', 'mlp')" in line and "(None, 'fsdp', 'tensor')" in line and "8,192" in line  # 2*64*128*4 bytes / 8
+
+
+def _json(axes):
+    return list(axes) if isinstance(axes, tuple) else axes
+
+
+def rules_summary(rules) -> dict:
+    """What flax makes of a rule table: each logical name's mesh axes and, per mesh axis, the order in which
+    names claim it (within one array the first claimant gets the axis). Equal summaries shard every array
+    alike. Regenerate the golden file with
+    `python -c "import json, test_sharding as t; print(json.dumps(t.golden_tables(), indent=1))"` from tests/."""
+    names = sorted(n for n, _ in sharding.load_rules("base"))
+    return {"axes": {n: _json(nn.logical_to_mesh_axes((n,), rules)[0]) for n in names},
+            "claim_order": {ax: [n for n, a in rules if ax in ((a,) if isinstance(a, str) else a or ())]
+                            for ax in sharding.MESH_AXES}}
+
+
+def golden_tables() -> dict:
+    return {p: rules_summary(sharding.load_rules(p)) for p in ("dp", "fsdp", "fsdp_tp")}
+
+
+def test_presets_resolve_to_the_golden_tables():
+    with open(GOLDEN) as f:
+        assert golden_tables() == json.load(f)
+    base = sorted(n for n, _ in sharding.load_rules("base"))
+    for preset in ("dp", "fsdp", "fsdp_tp"):  # every preset names every logical axis, once
+        assert sorted(n for n, _ in sharding.load_rules(preset)) == base
+
+
+def test_user_table_amends_a_preset(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: fsdp\nvocab: tensor\n")
+    rules = sharding.load_rules(str(tmp_path / "mine.yaml"))
+    assert rules[0] == ("vocab", "tensor")
+    assert dict(rules) == {**dict(sharding.load_rules("fsdp")), "vocab": "tensor"}
+
+
+def test_user_table_base_is_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "mine.yaml").write_text("base: fsdp_tp\nvision_embed: null\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: ../mine.yaml\nmlp: null\n")
+    rules = dict(sharding.load_rules(str(tmp_path / "sub" / "top.yaml")))
+    assert rules["vision_embed"] is None and rules["mlp"] is None and rules["heads"] == "tensor"
+
+
+@pytest.mark.parametrize("files,match", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: ./a.yaml\n"}, r"`base:` cycle .*a.yaml -> .*b.yaml -> .*a.yaml"),
+    ({"a.yaml": "base: nope\n"}, r"base 'nope' in .*a.yaml is neither a preset \(base, dp, fsdp, fsdp_tp\)"),
+    ({"a.yaml": "base: fsdp\nemebd: tensor\n"}, r"'emebd' is no logical axis of base 'fsdp'"),
+])
+def test_bad_base_is_a_one_line_error(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        sharding.load_rules(str(tmp_path / "a.yaml"))

@@ -12,8 +12,9 @@ import pytest
 
 from vlm_jax.config import load_config
 from vlm_jax.errors import ConfigError
-from vlm_jax.losses.contrastive import clip_loss
-from vlm_jax.train.contrastive_data import ContrastiveData, WordTokenizer, caption, retrieval_over_unique
+from vlm_jax.objectives.contrastive import clip_loss
+from vlm_jax.families import get_family
+from vlm_jax.train.data.contrastive import ContrastiveData, WordTokenizer, caption, retrieval_over_unique
 from vlm_jax.train.loop import Trainer
 from vlm_jax.train.recipe import resolve_stages
 from train_helpers import ROOT, compilation_cache, final_params  # noqa: F401 (fixture)
@@ -108,7 +109,7 @@ def test_loss_is_the_same_on_one_and_eight_devices_and_resume_is_exact(tmp_path)
 def test_config_mistakes_are_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message) as e:
         cfg = clip_config(tmp_path, override)
-        ContrastiveData(cfg, resolve_stages(cfg.train))
+        ContrastiveData(cfg, resolve_stages(cfg.train), get_family(cfg.model))
     assert "\n" not in str(e.value)
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from vlm_jax.config import load_config
-from vlm_jax.data import input_spec_from_model
+from vlm_jax.families import get_family, input_spec, model_inputs
 from vlm_jax.data.spec import CLIP_MEAN, SIGLIP_MEAN
 from vlm_jax.errors import ConfigError
-from vlm_jax.models.connectors import CONNECTORS
+from vlm_jax.registry import CONNECTORS
 from vlm_jax.models.unified import tokens_per_image
-from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.families import build_model, init_params
 from vlm_jax.train import flops
-from vlm_jax.train.data_source import PipelineData, SyntheticSource, model_inputs
+from vlm_jax.train.data.pipeline import PipelineData
 from vlm_jax.train.recipe import resolve_stages
 from train_helpers import (ROOT, check_learning_run, check_resume_matches_reference, compilation_cache,
                            data_iter, final_params, reference_run)  # noqa: F401 (fixture)
@@ -70,8 +70,8 @@ def test_pipeline_batches_hold_one_image_token_per_connector_output(model, tmp_p
     cfg = load_config(str(config), [f"workdir={tmp_path}", "model.image_token_index=1"])
     assert cfg.model == dataclasses.replace(load_config(os.path.join(MODELS, model + ".yaml")).model,
                                             image_token_index=1)
-    data = PipelineData(cfg, resolve_stages(cfg.train), echo=lambda _: None)
-    iterator = data.open(0, {})
+    data = PipelineData(cfg, resolve_stages(cfg.train), get_family(cfg.model), echo=lambda _: None)
+    iterator = data.iterator(0, {})
     try:
         batch = next(iterator)
     finally:
@@ -102,8 +102,8 @@ def _model(name, **connector):
 ])
 def test_input_spec_matches_what_the_model_returns(name, connector, tokens, mean):
     cfg = _model(name, **connector)
-    spec = input_spec_from_model(cfg)
-    assert (spec.family, spec.image_size, spec.image_token_id) == ("unified", cfg.vit.image_size,
+    spec = input_spec(cfg)
+    assert (spec.layout, spec.image_size, spec.image_token_id) == ("unified", cfg.vit.image_size,
                                                                    cfg.image_token_index)
     assert spec.tokens_per_image == tokens and spec.image_mean == mean
     if name.startswith("tiny"):  # the connector's output, traced abstractly
@@ -116,7 +116,7 @@ def test_input_spec_matches_what_the_model_returns(name, connector, tokens, mean
 
 def test_connector_count_disagreeing_with_its_output_fails_at_trace(monkeypatch):
     cfg = _model("tiny_llava")
-    monkeypatch.setattr(CONNECTORS["mlp"], "tokens_per_image", staticmethod(lambda c, t: t - 1))
+    monkeypatch.setattr(CONNECTORS.get("mlp"), "tokens_per_image", staticmethod(lambda c, t: t - 1))
     assert tokens_per_image(cfg) == 15
     with pytest.raises(ValueError, match="returns 16 tokens per image but tokens_per_image"):
         jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
@@ -130,7 +130,8 @@ def test_model_inputs_per_family_and_synthetic_is_mllama_only():
     mllama = load_config(os.path.join(MODELS, "tiny_mllama.yaml")).model
     assert "image_mask" not in model_inputs(batch, mllama) and "cross_attention_mask" in model_inputs(batch, mllama)
     with pytest.raises(ConfigError, match="model.family 'llava'.*set data.sources"):
-        SyntheticSource(_model("tiny_llava"), load_config().train.synthetic, 2, 0)
+        get_family(_model("tiny_llava")).synthetic_batch(_model("tiny_llava"), load_config().train.synthetic, 2,
+                                                         np.random.default_rng(0))
 
 
 def test_unified_flops_count_tower_connector_and_decoder():

@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.config import LrGroup, OptimizerConfig, ScheduleConfig, load_config
-from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.config import LrGroup, OptimizerConfig, ScheduleConfig, TrainConfig, load_config
+from vlm_jax.families import build_model, init_params
 import flax.linen as nn
-from vlm_jax.train import loss as losses
+from vlm_jax.objectives import next_token as losses
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.data_source import SyntheticSource
+from vlm_jax.families import get_family
 from vlm_jax.train.step import loss_sums
 from train_helpers import TINY
 
@@ -19,7 +19,7 @@ def tiny():
     cfg = load_config(TINY, ["train.synthetic.seq_len=20"])
     model = build_model(cfg.model)
     params = jax.jit(lambda rng: nn.meta.unbox(init_params(model, rng)))(jax.random.PRNGKey(0))
-    batch = SyntheticSource(cfg.model, cfg.train.synthetic, 3, seed=0).batch(0)
+    batch = get_family(cfg.model).synthetic_batch(cfg.model, cfg.train.synthetic, 3, np.random.default_rng([0, 0]))
     batch["loss_mask"][0, 3:9] = 1.0  # ragged supervision
     return model, params, batch
 
@@ -34,7 +34,7 @@ def test_chunked_loss_and_gradients_equal_full_logits(tiny):
         return sums.nll, sums
 
     def chunked(p, chunk):
-        sums = loss_sums(model, p, batch, chunk)
+        sums = loss_sums(model, p, batch, TrainConfig(loss_chunk=chunk))
         return sums.nll, sums
 
     (_, want), g_full = jax.jit(jax.value_and_grad(full, has_aux=True))(params)

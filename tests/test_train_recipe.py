@@ -7,7 +7,8 @@ import numpy as np
 
 from vlm_jax.config import load_config
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.loop import StagePlan, Trainer
+from vlm_jax.train.loop import Trainer
+from vlm_jax.train.state import StagePlan
 from train_helpers import ROOT, final_params
 
 RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v.yaml")

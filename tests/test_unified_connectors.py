@@ -11,7 +11,7 @@ from hf_models import IMAGE_TOKEN, unified_batch
 from vlm_jax.config import ConnectorConfig, load_config
 from vlm_jax.models.connectors import pixel_shuffle
 from vlm_jax.models.unified import scatter_into_tokens, tokens_per_image
-from vlm_jax.models.vlm import build_model, init_params
+from vlm_jax.families import build_model, init_params
 
 
 def _tiny(**model_overrides):

@@ -139,7 +139,7 @@ def test_info_counts_equal_transformers_meta_model(name, expected, capsys):
     from vlm_jax.config import load_config
     from vlm_jax.convert import family_module
     cfg = load_config(f"configs/models/{name}.yaml").model
-    hf = family_module(cfg.family).config_to_hf(cfg, "bfloat16")
+    hf = family_module(cfg).config_to_hf(cfg, "bfloat16")
     config_cls = transformers.AutoConfig.for_model(**hf).__class__
     model_cls = getattr(transformers, hf["architectures"][0])
     with torch.device("meta"):
@@ -154,12 +154,14 @@ def test_info_counts_equal_transformers_meta_model(name, expected, capsys):
 def test_image_token_count_mismatch_is_one_line_error():
     from vlm_jax.config import load_config
     from vlm_jax.data.bad_records import BadRecord
-    from vlm_jax.models.unified import check_image_tokens, tokens_per_image
+    from vlm_jax.data.spec import check_image_tokens
+    from vlm_jax.families import input_spec
+    from vlm_jax.models.unified import tokens_per_image
     cfg = load_config("configs/models/tiny_llava.yaml").model
     assert tokens_per_image(cfg) == 16
     ids = np.full((1, 40), 5)
     ids[0, 2:18] = IMAGE_TOKEN - 1
-    check_image_tokens(ids, 1, cfg)
+    check_image_tokens(ids, 1, input_spec(cfg))
     with pytest.raises(BadRecord, match=r"^image_count_mismatch: 16 <image> tokens but 2 images x 16") as e:
-        check_image_tokens(ids, 2, cfg)
+        check_image_tokens(ids, 2, input_spec(cfg))
     assert "\n" not in str(e.value)

@@ -21,7 +21,9 @@ SMALL_RUN = ["train.batch_size=8", "train.synthetic.seq_len=16", "train.schedule
 
 
 def tiny_config(workdir, *overrides):
-    return load_config(TINY, [f"workdir={workdir}", *SMALL_RUN, *overrides])
+    """The tiny Mllama on generated batches, or on the data that `overrides` configure."""
+    data = [] if any(o.startswith("data.") for o in overrides) else ["train.synthetic.enabled=true"]
+    return load_config(TINY, [f"workdir={workdir}", *SMALL_RUN, *data, *overrides])
 
 
 def final_params(workdir, step=None) -> dict:

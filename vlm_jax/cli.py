@@ -38,7 +38,7 @@ def cmd_export(args):
 
     from vlm_jax.convert import to_hf
     from vlm_jax.infer.answer import tokenizer_path
-    from vlm_jax.models.vlm import build_model
+    from vlm_jax.families import build_model
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")

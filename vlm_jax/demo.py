@@ -18,7 +18,11 @@ import time
 import numpy as np
 
 from vlm_jax.config import load_config
+from vlm_jax.convert import to_hf
+from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.evaluate import SourceResult, evaluate_records, read_records, results_table, source_label
+from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
+from vlm_jax.train.loop import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -50,7 +54,6 @@ def compare_with_pytorch(answerer, hf_dir: str, records_per_task: dict[str, list
                          results: list[SourceResult]) -> tuple[dict[str, int], list[tuple]]:
     """PyTorch greedy answers of the exported model to the same prompts, against the JAX answers in `results`;
     per-task disagreement counts and sample rows (task, question, truth, JAX answer, PyTorch answer)."""
-    from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
     hf_model = load_hf_mllama(hf_dir)
     mismatches, shown = {}, []
     for result in results:
@@ -64,10 +67,6 @@ def compare_with_pytorch(answerer, hf_dir: str, records_per_task: dict[str, list
 
 
 def main(argv: list[str]) -> int:
-    from vlm_jax.convert import to_hf
-    from vlm_jax.infer.answer import Answerer
-    from vlm_jax.train.loop import Trainer
-
     cfg = load_config(CONFIG, ["workdir=" + os.path.join(REPO, "workdirs", "demo")] + argv)
     workdir = os.path.abspath(cfg.workdir)
     print(f"== training {os.path.relpath(CONFIG, REPO)} in {workdir} (run again to resume)")

@@ -7,11 +7,7 @@ import os
 import jax
 
 from vlm_jax.config import DistributedConfig
-from vlm_jax.errors import UserError
-
-
-class TopologyError(UserError):
-    pass
+from vlm_jax.hardware import TopologyError
 
 
 def environment_processes() -> int:

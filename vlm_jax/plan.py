@@ -14,12 +14,11 @@ import jax
 
 from vlm_jax import sharding, topology
 from vlm_jax.config import Config
-from vlm_jax.models.vlm import abstract_params, build_model
+from vlm_jax.families import abstract_params, get_family
 from vlm_jax.train import flops
-from vlm_jax.train.data_source import SyntheticSource
-from vlm_jax.train.loop import StagePlan
+from vlm_jax.train.data import TrainData, open_train_data
 from vlm_jax.train.recipe import Stage, resolve_stages
-from vlm_jax.train.state import TrainState, abstract_with_shardings
+from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings
 from vlm_jax.train.step import batch_shardings, make_train_step
 
 GiB = 1 << 30
@@ -55,16 +54,19 @@ class StageReport:
         return self.model_flops / (self.peak_flops * mfu)
 
 
-def _abstract_batch(cfg: Config, stage: Stage, mesh, rules) -> dict:
-    example = SyntheticSource(cfg.model, stage.synthetic, cfg.train.batch_size, cfg.seed).batch(0)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
+def _abstract_batch(data: TrainData, stage: Stage, mesh, rules) -> dict:
+    """The global batch the trainer would place: every process's rows (the trainer's shapes x processes)."""
+    example = data.example_batch(stage.index)
+    rows = data.global_batch(stage.index)
+    shapes = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in example.items()}
     return abstract_with_shardings(shapes, batch_shardings(shapes, mesh, rules))
 
 
-def plan_stage(cfg: Config, stage: Stage, s: topology.Slice, devices, assumed_mfu: float) -> StageReport:
+def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, devices,
+               assumed_mfu: float) -> StageReport:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.load_rules(cfg.mesh.rules)
-    model = build_model(cfg.model)
+    model = get_family(cfg.model).build(cfg.model)
     boxed = abstract_params(model)
     stage_plan = StagePlan(cfg, stage, boxed, mesh, rules)
     params = abstract_with_shardings(nn.meta.unbox(boxed), stage_plan.shardings.params)
@@ -74,14 +76,14 @@ def plan_stage(cfg: Config, stage: Stage, s: topology.Slice, devices, assumed_mf
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
     state = TrainState(step=scalar("int32"), params=params, opt_state=stage_plan.abstract_opt_state(params),
                        rng=scalar("uint32", (2,)), nonfinite_streak=scalar("int32"), nonfinite_total=scalar("int32"))
-    batch = _abstract_batch(cfg, stage, mesh, rules)
+    batch = _abstract_batch(data, stage, mesh, rules)
     step = make_train_step(model, cfg.train, stage, stage_plan.tx, stage_plan.trainable, stage_plan.shardings,
                            {k: v.sharding for k, v in batch.items()}, mesh, rules)
-    syn = stage.synthetic
-    per_sample = flops.train_flops_per_sample(cfg.model, syn.seq_len, syn.num_images, stage_plan.trainable)
+    seq_len, num_images = data.sample_shape(stage.index)
+    rows = data.global_batch(stage.index)
+    per_sample = flops.train_flops_per_sample(cfg.model, seq_len, num_images, stage_plan.trainable)
     report = dict(stage=stage.name, hbm_bytes=s.chip.hbm_bytes // topology.devices_per_chip(s, devices),
-                  model_flops=per_sample * cfg.train.batch_size / len(devices),
-                  tokens=cfg.train.batch_size * syn.seq_len, assumed_mfu=assumed_mfu,
+                  model_flops=per_sample * rows / len(devices), tokens=rows * seq_len, assumed_mfu=assumed_mfu,
                   peak_flops=s.chip.peak_bf16_flops / topology.devices_per_chip(s, devices))
     start = time.perf_counter()
     try:
@@ -136,13 +138,16 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
          echo=print) -> list[StageReport]:
     s = topology.parse_slice(slice_name)
     devices = topology.topology_devices(s)
-    stages = [st for st in resolve_stages(cfg.train) if not stage_names or st.name in stage_names]
+    all_stages = resolve_stages(cfg.train)
+    data = open_train_data(cfg, all_stages, get_family(cfg.model), echo)
+    stages = [st for st in all_stages if not stage_names or st.name in stage_names]
     echo(f"plan for {s.name}: {s.topology}, {s.num_chips} chips, {len(devices)} devices, "
          f"{s.chip.hbm_bytes / GiB:.0f} GiB HBM and {s.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip")
     echo(f"mesh: {dict(sharding.make_mesh(cfg.mesh, devices).shape)} with rules '{cfg.mesh.rules}'; global batch "
-         f"{cfg.train.batch_size}, microbatches {cfg.train.microbatches}, remat {cfg.model.remat_policy}")
+         f"{data.global_batch(stages[0].index) if stages else 0}, microbatches {cfg.train.microbatches}, "
+         f"remat {cfg.model.remat_policy}")
     reports = []
     for stage in stages:
-        reports.append(plan_stage(cfg, stage, s, devices, assumed_mfu))
+        reports.append(plan_stage(cfg, data, stage, s, devices, assumed_mfu))
         echo(format_report(reports[-1]))
     return reports

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import yaml
+from etils import epath
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -54,20 +55,48 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 
 def load_rules(name_or_path: str) -> Rules:
-    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(RULES_DIR, f"{name_or_path}.yaml")
-    if not os.path.isfile(path):
+    """A rule table: a preset in configs/mesh/ or a YAML file (local or gs://). A table may name `base:`, a
+    preset or a path relative to itself, and list only what differs from it. Its own rules go ahead of its
+    base's, because within one array a mesh axis goes to the first rule that claims it."""
+    table = _read_rules(_rule_file(name_or_path, epath.Path(".")), f"'{name_or_path}'", ())
+    return tuple((logical, axes if len(axes) > 1 else (axes[0] if axes else None)) for logical, axes in table.items())
+
+
+def _rule_file(ref: str, here: epath.Path) -> epath.Path:
+    """A preset name, or a YAML path (absolute, gs://, or relative to `here`)."""
+    path = (epath.Path(RULES_DIR) / f"{ref}.yaml" if not ref.endswith((".yaml", ".yml"))
+            else epath.Path(ref) if "://" in ref or os.path.isabs(ref) else here / ref)
+    return path if "://" in str(path) else path.resolve()  # one spelling per file, for the cycle check
+
+
+def _read_rules(path: epath.Path, what: str, chain: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    if str(path) in chain:
+        raise ConfigError(f"mesh.rules: `base:` cycle {' -> '.join(chain + (str(path),))}; remove one of them")
+    if not path.is_file():
         presets = sorted(f[:-5] for f in os.listdir(RULES_DIR) if f.endswith(".yaml"))
-        raise ConfigError(f"mesh.rules: '{name_or_path}' is neither a preset ({', '.join(presets)}) nor a YAML file")
-    with open(path) as f:
-        table = yaml.safe_load(f) or {}
-    rules = []
+        raise ConfigError(f"mesh.rules: {what} is neither a preset ({', '.join(presets)}) nor a YAML file")
+    try:
+        table = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: a rule table maps logical axis names to mesh axes, e.g. `embed: fsdp`")
+    base_ref = table.pop("base", None)
+    rules = {}
     for logical, mesh_axes in table.items():
         axes = tuple(mesh_axes) if isinstance(mesh_axes, list) else (mesh_axes,) if mesh_axes else ()
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
             raise ConfigError(f"{path}: rule '{logical}' names unknown mesh axis '{bad[0]}'; use {MESH_AXES}")
-        rules.append((logical, axes if len(axes) > 1 else (axes[0] if axes else None)))
-    return tuple(rules)
+        rules[logical] = axes
+    if base_ref is None:
+        return rules
+    base = _read_rules(_rule_file(str(base_ref), path.parent), f"base '{base_ref}' in {path}", chain + (str(path),))
+    unknown = [k for k in rules if k not in base]
+    if unknown:
+        raise ConfigError(f"{path}: '{unknown[0]}' is no logical axis of base '{base_ref}'; check the spelling "
+                          f"against configs/mesh/base.yaml")
+    return {**rules, **{k: v for k, v in base.items() if k not in rules}}
 
 
 def logical_specs(abstract_boxed):

@@ -1,4 +1,5 @@
-"""Cloud TPU slice names -> libtpu topology descriptions and per-chip specs, for ahead-of-time planning on CPU.
+"""Cloud TPU slice names -> libtpu topology descriptions, for ahead-of-time planning on CPU (chip specs live
+in vlm_jax.hardware).
 
 Needs libtpu (`pip install -e .[tpu]`); nothing here touches a real TPU.
 """
@@ -9,29 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from vlm_jax.errors import UserError
-
-
-class TopologyError(UserError):
-    pass
-
-
-@dataclass(frozen=True)
-class Chip:
-    generation: str  # libtpu's name for the topology string
-    hbm_bytes: int
-    peak_bf16_flops: float  # per chip
-    cores_in_name: int  # slice names count TensorCores (v4, v5p: 2 per chip) or chips (v5e, v6e)
-    dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
-
-
-GiB = 1 << 30
-CHIPS = {  # public Cloud TPU specifications
-    "v4": Chip("v4", 32 * GiB, 275e12, 2, 3),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, 3),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, 2),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2),
-}
+from vlm_jax.hardware import CHIPS, Chip, TopologyError
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Hugging Face <-> vlm_jax checkpoints: `model, params = from_hf(dir)`; `to_hf(model, params, out_dir)`.
 
-One module per HF family provides a config mapping and a declarative key map (see keymap.py)."""
+One module per HF family provides a config mapping and a declarative key map (see keymap.py); a model family
+names its module (`Family.hf_conversion`) and the HF model_types it imports (`Family.hf_model_types`)."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -13,21 +15,23 @@ import jax
 import numpy as np
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.convert import contrastive, idefics3, llava, mllama, safetensors_io
+from vlm_jax.convert import safetensors_io
 from vlm_jax.convert.keymap import flatten, from_per_layer, hf_to_ours, ours_to_hf, per_layer_shapes, \
     to_per_layer, unflatten
 from vlm_jax.errors import ConfigError, ConversionError
+from vlm_jax.families import Family, abstract_params, build_model, family_for_hf, get_family
 from vlm_jax.models.layers import DTYPES
-from vlm_jax.models.vlm import abstract_params, build_model
-
-# HF model_type -> conversion module; our ModelConfig.family -> conversion module (the same names here).
-FAMILIES = {mllama.MODEL_TYPE: mllama, llava.MODEL_TYPE: llava, idefics3.MODEL_TYPE: idefics3,
-            **{t: contrastive for t in contrastive.MODEL_TYPES}}
-_BY_FAMILY = dict(FAMILIES)
 
 
-def family_module(family: str):
-    return _BY_FAMILY[family]
+def conversion_module(family: Family):
+    """The module converting `family` from/to Hugging Face (config mapping, key map, components)."""
+    if not family.hf_conversion:
+        raise ConversionError(f"model.family '{family.name}' has no Hugging Face conversion")
+    return importlib.import_module(family.hf_conversion)
+
+
+def family_module(model_config: ModelConfig):
+    return conversion_module(get_family(model_config))
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -43,9 +47,7 @@ def read_hf_config(hf_dir: str) -> dict:
         raise ConversionError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: expected a JSON object")
-    if hf.get("model_type") not in FAMILIES:
-        raise ConversionError(f"{path}: model_type '{hf.get('model_type')}' is not supported; supported: "
-                              f"{', '.join(sorted(FAMILIES))}")
+    family_for_hf(hf.get("model_type"), path)
     return hf
 
 
@@ -53,7 +55,7 @@ def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
     hf = read_hf_config(hf_dir)
     where = os.path.join(hf_dir, "config.json")
     try:
-        return FAMILIES[hf["model_type"]].config_from_hf(hf, where, **overrides)
+        return conversion_module(family_for_hf(hf["model_type"], where)).config_from_hf(hf, where, **overrides)
     except ConfigError as e:
         raise ConversionError(f"{where}: {e}") from None
 
@@ -66,7 +68,7 @@ def from_hf(hf_dir: str, **config_overrides):
     """Loads a Hugging Face safetensors directory; returns (model, params) with params as numpy arrays in the
     config's param_dtype. `config_overrides` set ModelConfig fields (e.g. dtype="float32", scan_layers=False)."""
     cfg = config_from_hf(hf_dir, **config_overrides)
-    family = family_module(cfg.family)
+    family = family_module(cfg)
     model = build_model(cfg)
     shapes = _shapes(model)
     stacks = family.stacks(cfg)
@@ -84,7 +86,7 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
     if dtype not in DTYPES:
         raise ConversionError(f"export dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     cfg = model.config
-    family = family_module(cfg.family)
+    family = family_module(cfg)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
     tensors = ours_to_hf(to_per_layer(flat, family.stacks(cfg)), family.rules(cfg), DTYPES[dtype])
     safetensors_io.write_dir(out_dir, tensors, max_shard_bytes)
@@ -96,16 +98,25 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
 
 
 def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
-    """Counts per component (the family's COMPONENTS regexes over per-layer paths) and in total, computed
-    from abstract shapes: nothing is allocated, so real sizes are cheap."""
-    family = family_module(model_config.family)
-    per_layer = per_layer_shapes(_shapes(build_model(model_config)), family.stacks(model_config))
-    counts = {label: 0 for label, _ in family.COMPONENTS}
+    """Counts per component and in total, computed from abstract shapes: nothing is allocated, so real sizes
+    are cheap. Components are the HF checkpoint's (the conversion module's COMPONENTS regexes over per-layer
+    paths) for a family that converts, else the top-level parameter subtrees."""
+    family = get_family(model_config)
+    shapes = _shapes(build_model(model_config))
+    if family.hf_conversion:
+        module = conversion_module(family)
+        per_layer = per_layer_shapes(shapes, module.stacks(model_config))
+        components = module.COMPONENTS
+    else:
+        per_layer = shapes
+        components = [(name, re.escape(name) + "/") for name in dict.fromkeys(p.split("/")[0] for p in shapes)]
+    counts = {label: 0 for label, _ in components}
     for path, shape in per_layer.items():
-        label = next(label for label, pattern in family.COMPONENTS if re.match(pattern, path))
+        label = next(label for label, pattern in components if re.match(pattern, path))
         counts[label] += math.prod(shape)
     counts["total"] = sum(counts.values())
     return counts
 
 
-__all__ = ["from_hf", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module", "FAMILIES"]
+__all__ = ["from_hf", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module",
+           "conversion_module"]

@@ -2,9 +2,10 @@
 the same encoder layer names; CLIP adds bias-free projections, SigLIP a text head and logit_bias."""
 from __future__ import annotations
 
-from vlm_jax.config import ModelConfig, load_model_config
+from vlm_jax.config import ModelConfig, deep_merge, load_model_config
 from vlm_jax.convert.keymap import COPY, LINEAR, Rule, Stack, layer_norm, reshaped
 from vlm_jax.convert.vit import encoder_rules, encoder_stack, vit_from_hf, vit_rules, vit_to_hf
+from vlm_jax.models.contrastive import sigmoid_style
 
 MODEL_TYPES = ("clip", "siglip")
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -22,7 +23,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     text = [("token_embedding", "embeddings.token_embedding.weight", COPY),
             ("position_embedding", "embeddings.position_embedding.weight", COPY),
             *layer_norm("final_layer_norm", "final_layer_norm")]
-    if cfg.family == "siglip":
+    if sigmoid_style(cfg):
         text += [("head/kernel", "head.weight", LINEAR), ("head/bias", "head.bias", COPY)]
         top = [Rule("logit_scale", "logit_scale", COPY), Rule("logit_bias", "logit_bias", COPY)]
     else:
@@ -44,12 +45,12 @@ def normalize_hf_keys(tensors: dict) -> dict:
 
 
 def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
-    family = hf["model_type"]
+    model_type = hf["model_type"]  # "clip" or "siglip": our family and tower kind have the same names
     tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
-    clip = family == "clip"
+    clip = model_type == "clip"
     data = {
-        "family": family,
-        "vit": vit_from_hf({"model_type": f"{family}_vision_model", **vc}),
+        "family": model_type,
+        "vit": vit_from_hf({"model_type": f"{model_type}_vision_model", **vc}),
         "text_encoder": {
             "vocab_size": tc.get("vocab_size", 49408 if clip else 32000),
             "hidden_size": tc.get("hidden_size", 512 if clip else 768),
@@ -72,10 +73,9 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
-    from vlm_jax.config import deep_merge
-    e, family = cfg.text_encoder, cfg.family
+    e, model_type = cfg.text_encoder, cfg.vit.kind
     text = {
-        "model_type": f"{family}_text_model",
+        "model_type": f"{model_type}_text_model",
         "vocab_size": e.vocab_size,
         "hidden_size": e.hidden_size,
         "intermediate_size": e.intermediate_size,
@@ -89,9 +89,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict
         "bos_token_id": e.bos_token_id,
         "torch_dtype": dtype,
     }
-    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "torch_dtype": dtype,
-           "text_config": text, "vision_config": vit_to_hf(cfg.vit, f"{family}_vision_model", dtype)}
-    if family == "clip":
+    out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "torch_dtype": dtype,
+           "text_config": text, "vision_config": vit_to_hf(cfg.vit, f"{model_type}_vision_model", dtype)}
+    if not sigmoid_style(cfg):
         out.update(projection_dim=e.projection_dim, logit_scale_init_value=cfg.logit_scale_init)
     else:
         text["projection_size"] = e.projection_dim

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax.data.config import ShapeConfig
+from vlm_jax.config import ShapeConfig
 from vlm_jax.data.spec import InputSpec
 
 
@@ -76,5 +76,5 @@ def _unified_images(rows, spec: InputSpec, shapes: ShapeConfig) -> dict[str, np.
 
 def collate(rows: Sequence[Sequence[dict]], spec: InputSpec, shapes: ShapeConfig, pad_id: int
             ) -> dict[str, np.ndarray]:
-    images = _unified_images if spec.family == "unified" else _cross_attention_images
+    images = _unified_images if spec.unified else _cross_attention_images
     return {**_text_arrays(rows, shapes.seq_len, pad_id), **images(rows, spec, shapes)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlm_jax.data.bad_records import BadRecord
-from vlm_jax.data.config import ImageConfig, ShapeConfig
+from vlm_jax.config import ImageConfig, ShapeConfig
 from vlm_jax.data.cross_attention import image_token_spans
 from vlm_jax.data.image_ops import decode_image, get_image_op
 from vlm_jax.data.spec import InputSpec
@@ -43,7 +43,7 @@ class ExamplePreparer:
         self.spec, self.template, self.shapes = spec, template, shapes
         self.image_op = get_image_op(image.op, image_size=spec.image_size, max_tiles=image.max_tiles,
                                      mean=spec.image_mean, std=spec.image_std, thumbnail=image.thumbnail)
-        self.unified = spec.family == "unified"
+        self.unified = spec.unified
 
     def __call__(self, record: dict) -> dict:
         """Returns tokens (L,) int32, loss_mask (L,) bool, images [(n, 3, H, W) float32], aspect_ratio_ids,

@@ -14,9 +14,8 @@ from PIL import Image, ImageOps
 
 from vlm_jax.data import tiling
 from vlm_jax.data.bad_records import BadRecord
-from vlm_jax.data.registry import Registry
+from vlm_jax.registry import IMAGE_OPS
 
-IMAGE_OPS = Registry("image op", "data.image.op")
 register_image_op = IMAGE_OPS.register
 
 

@@ -17,10 +17,10 @@ from absl import flags
 import numpy as np
 from grain.experimental import ThreadPrefetchDatasetIterator
 
-from vlm_jax.config import ConfigError
+from vlm_jax.errors import ConfigError
 from vlm_jax.data.bad_records import BadRecord, BadRecordCounter
 from vlm_jax.data.batching import collate
-from vlm_jax.data.config import DataConfig, SourceConfig, validate_data
+from vlm_jax.config import DataConfig, SourceConfig, validate_data
 from vlm_jax.data.examples import ExamplePreparer
 from vlm_jax.data.packing import RowPacker
 from vlm_jax.data.sources import build_source
@@ -204,13 +204,13 @@ def build_pipeline(cfg: DataConfig, tokenizer: Tokenizer, spec: InputSpec, proce
         raise ConfigError(f"process_index {process_index} is outside [0, {process_count})")
     if not train and not cfg.eval_sources:
         raise ConfigError("data.eval_sources is empty; list the held-out sources to evaluate on")
-    if spec.family == "cross_attention" and cfg.image.op == "mllama_tile" and cfg.image.max_tiles != spec.max_tiles:
+    if not spec.unified and cfg.image.op == "mllama_tile" and cfg.image.max_tiles != spec.max_tiles:
         raise ConfigError(f"data.image.max_tiles ({cfg.image.max_tiles}) must equal the model's max_num_tiles "
                           f"({spec.max_tiles}) for mllama_tile")
-    if spec.family == "cross_attention" and cfg.image.op != "mllama_tile":
+    if not spec.unified and cfg.image.op != "mllama_tile":
         raise ConfigError(f"data.image.op '{cfg.image.op}' does not fit a cross-attention (Mllama) model; "
                           "use mllama_tile")
-    if spec.family == "unified" and cfg.image.op == "mllama_tile":
+    if spec.unified and cfg.image.op == "mllama_tile":
         raise ConfigError("data.image.op 'mllama_tile' needs a cross-attention model; use resize or catty_tile")
     template = get_template(cfg.template, tokenizer)
     if spec.image_token_id is not None and spec.image_token_id != template.image_id:

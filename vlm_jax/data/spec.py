@@ -1,11 +1,18 @@
-"""What the model needs from the data: its family, image geometry and image-token conventions."""
+"""What the model needs from the data (`InputSpec`): image layout and geometry, image-token conventions.
+
+A family (vlm_jax/families/) builds its model's spec; the pipeline reads nothing else about the model.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_jax.data.tiling import supported_aspect_ratios
+import numpy as np
 
-FAMILIES = ("cross_attention", "unified")
+from vlm_jax.data.bad_records import BadRecord
+
+# "cross_attention": each image is one slot with a tile axis, reached through a cross-attention mask (Mllama).
+# "unified": each tile (or thumbnail) is its own slot, expanded in the text to tokens_per_image tokens (LLaVA).
+LAYOUTS = ("cross_attention", "unified")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -15,7 +22,7 @@ TOWER_NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SI
 
 @dataclass(frozen=True)
 class InputSpec:
-    family: str = "cross_attention"  # "cross_attention" (Mllama) | "unified" (LLaVA, Idefics3)
+    layout: str = "cross_attention"  # one of LAYOUTS
     image_size: int = 560  # tile side (Mllama, CATTY) or resized side (plain resize)
     max_tiles: int = 4  # cross_attention: the model's max_num_tiles, the T axis of pixel_values
     image_mean: tuple[float, float, float] = CLIP_MEAN
@@ -24,34 +31,21 @@ class InputSpec:
     image_token_id: int | None = None  # when set, must equal the tokenizer's <|image|> id
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"InputSpec.family '{self.family}' is not one of {FAMILIES}")
-        if self.family == "unified" and self.tokens_per_image <= 0:
-            raise ValueError("InputSpec.tokens_per_image must be positive for the unified family")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"InputSpec.layout '{self.layout}' is not one of {LAYOUTS}")
+        if self.layout == "unified" and self.tokens_per_image <= 0:
+            raise ValueError("InputSpec.tokens_per_image must be positive for the unified layout")
+
+    @property
+    def unified(self) -> bool:
+        return self.layout == "unified"
 
 
-def input_spec_from_model(model_cfg) -> InputSpec:
-    """The InputSpec of a vlm_jax ModelConfig: Mllama (cross_attention) or LLaVA/Idefics3 (unified)."""
-    from vlm_jax.config import UNIFIED_FAMILIES
-    if model_cfg.family in UNIFIED_FAMILIES:
-        return _unified_spec(model_cfg)
-    if model_cfg.family != "mllama":
-        raise ValueError(f"model.family '{model_cfg.family}' is not a vision-language model the data pipeline "
-                         "can feed; use mllama, llava or idefics3")
-    v = model_cfg.vision
-    grids = supported_aspect_ratios(v.max_num_tiles)
-    if tuple(map(tuple, v.supported_aspect_ratios)) != grids:
-        raise ValueError(f"model.vision.supported_aspect_ratios must be {[list(g) for g in grids]} (the order the "
-                         "tiler numbers aspect_ratio_ids) for max_num_tiles={v.max_num_tiles}")
-    return InputSpec("cross_attention", v.image_size, v.max_num_tiles, tuple(v.image_mean), tuple(v.image_std),
-                     image_token_id=model_cfg.image_token_index)
-
-
-def _unified_spec(model_cfg) -> InputSpec:
-    """Each image slot is one model.vit.image_size square, expanded to as many <image> tokens as the connector
-    returns features (the model's own count, `tokens_per_image`)."""
-    from vlm_jax.models.unified import tokens_per_image  # models import the config, which imports data/
-    v = model_cfg.vit
-    mean, std = TOWER_NORMALIZATION[v.kind]
-    return InputSpec("unified", v.image_size, image_mean=mean, image_std=std,
-                     tokens_per_image=tokens_per_image(model_cfg), image_token_id=model_cfg.image_token_index)
+def check_image_tokens(input_ids, num_images: int, spec: InputSpec):
+    """Host-side check of an expanded unified row: as many `<image>` tokens as the real images produce features.
+    Raises BadRecord('image_count_mismatch') with a one-line reason, so the pipeline counts and skips it."""
+    found = int((np.asarray(input_ids) == spec.image_token_id).sum())
+    expected = num_images * spec.tokens_per_image
+    if found != expected:
+        raise BadRecord("image_count_mismatch", f"{found} <image> tokens but {num_images} images x "
+                        f"{spec.tokens_per_image} features = {expected}")

@@ -10,12 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlm_jax.data import tokenizer as tok
-from vlm_jax.data.registry import Registry
+from vlm_jax.registry import TEMPLATES
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
-TEMPLATES = Registry("template", "data.template")
 register_template = TEMPLATES.register  # on a Template subclass
 
 

@@ -9,6 +9,8 @@ import io
 import os
 from collections.abc import Iterable
 
+# Where training keeps the tokenizer it trains for embedded tasks (<workdir>/tokenizer.model).
+TOKENIZER_FILE = "tokenizer.model"
 # Special tokens of tokenizers trained here; user_defined_symbols make each a single id.
 IMAGE, BOS, EOS = "<|image|>", "<|begin_of_text|>", "<|end_of_text|>"
 USER, ASSISTANT, SYSTEM, EOT, PAD = "<|user|>", "<|assistant|>", "<|system|>", "<|eot|>", "<|pad|>"

@@ -9,22 +9,23 @@ import os
 
 import numpy as np
 
-from vlm_jax.data import ExamplePreparer, collate, get_template, input_spec_from_model, load_tokenizer
-from vlm_jax.data.config import DataConfig
+from vlm_jax.config import DataConfig
+from vlm_jax.data import ExamplePreparer, collate, get_template, load_tokenizer
+from vlm_jax.data.tokenizer import TOKENIZER_FILE
+from vlm_jax.errors import UserError
+from vlm_jax.families import get_family
 from vlm_jax.infer.generate import Sampling, generate
+from vlm_jax.train import checkpoint
 
 _LENGTH_BUCKET = 16  # prompt widths are rounded up to this, so a held-out set compiles once or twice
 
 
-_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")  # per image slot: not moved
-
-
-def left_align(batch: dict, lengths: np.ndarray) -> dict:
+def left_align(batch: dict, lengths: np.ndarray, image_inputs: tuple[str, ...]) -> dict:
     """Right-padded collated rows -> the inputs of `generate`: prompts left-padded (`prompt_mask` 1 on real
-    tokens), so every row's next token goes to the same position, with their images and cross-attention mask.
-    Training-only arrays (loss_mask, packing ids) are dropped."""
+    tokens), so every row's next token goes to the same position, with their images (`image_inputs`, per image
+    slot: not moved) and cross-attention mask. Training-only arrays (loss_mask, packing ids) are dropped."""
     width = batch["input_ids"].shape[1]
-    out = {k: batch[k] for k in _IMAGE_INPUTS if k in batch}
+    out = {k: batch[k] for k in image_inputs if k in batch}
     out["input_ids"] = np.stack([np.roll(row, width - n) for row, n in zip(batch["input_ids"], lengths)])
     out["prompt_mask"] = (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int32)
     if "cross_attention_mask" in batch:
@@ -34,12 +35,16 @@ def left_align(batch: dict, lengths: np.ndarray) -> dict:
 
 
 class Answerer:
-    """Greedy (or sampled) answers of a cross-attention VLM to {"images", "turns"} records."""
+    """Greedy (or sampled) answers of a generating family's model to {"images", "turns"} records."""
 
     def __init__(self, model, params, tokenizer, data: DataConfig, batch_size: int = 32, max_new_tokens: int = 8,
                  sampling: Sampling | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.spec = input_spec_from_model(model.config)
+        self.family = get_family(model.config)
+        if self.family.generation_inputs is None:
+            raise UserError(f"model.family '{self.family.name}' does not generate yet; generation, eval and answer "
+                            "accuracy need a family with generation support (e.g. mllama)")
+        self.spec = self.family.input_spec(model.config)
         self.template = get_template(data.template, tokenizer)
         self.data, self.batch_size = data, batch_size
         self.preparer = ExamplePreparer(self.spec, self.template, data.image, data.shapes)
@@ -56,7 +61,7 @@ class Answerer:
         slots = max(1, max(e["num_slots"] for e in examples))
         shapes = dataclasses.replace(self.data.shapes, seq_len=width, max_images=slots)
         batch = collate([[e] for e in examples], self.spec, shapes, self.template.pad_id)
-        return left_align(batch, lengths), [a for _, a in prepared]
+        return left_align(batch, lengths, self.family.generation_inputs), [a for _, a in prepared]
 
     def decode(self, new_tokens: np.ndarray) -> list[str]:
         """Generated ids -> text, cut at the first stop token."""
@@ -88,7 +93,6 @@ def tokenizer_path(config, checkpoint_path: str, explicit: str = "") -> tuple[st
     """(the tokenizer a checkpoint was trained with, or None; the places looked at): `explicit`, else the
     config's data.tokenizer, else the one training kept in the run's workdir (the run's recorded workdir, or
     the folder holding the checkpoints/ directory)."""
-    from vlm_jax.train.data_source import TOKENIZER_FILE
     candidates = [explicit] if explicit else [config.data.tokenizer] if config.data.tokenizer else [
         os.path.join(config.workdir, TOKENIZER_FILE) if config.workdir else "",
         os.path.join(_workdir_of(checkpoint_path), TOKENIZER_FILE)]
@@ -97,7 +101,6 @@ def tokenizer_path(config, checkpoint_path: str, explicit: str = "") -> tuple[st
 
 
 def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
-    from vlm_jax.errors import UserError
     path, looked_at = tokenizer_path(config, checkpoint_path, explicit)
     if path is None:
         raise UserError(f"no tokenizer found for {checkpoint_path} (looked at {', '.join(looked_at)}); "
@@ -116,13 +119,11 @@ def _workdir_of(checkpoint_path: str) -> str:
 def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:
     """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
     image op, shapes) are the run's own unless `data` is given."""
-    from vlm_jax.errors import UserError
-    from vlm_jax.models.vlm import build_model
-    from vlm_jax.train import checkpoint
     config, _, _ = checkpoint.read_meta(checkpoint_path)
-    if config.model.family != "mllama":
-        raise UserError(f"{checkpoint_path}: generation supports the cross-attention (mllama) family; this "
-                        f"checkpoint is '{config.model.family}'")
-    model = build_model(config.model)
+    family = get_family(config.model)
+    if family.generation_inputs is None:
+        raise UserError(f"{checkpoint_path}: model.family '{family.name}' does not generate yet; generation "
+                        "supports families with generation support (e.g. mllama)")
+    model = family.build(config.model)
     return Answerer(model, checkpoint.restore_params(checkpoint_path),
                     find_tokenizer(config, checkpoint_path, tokenizer), data or config.data, **kwargs)

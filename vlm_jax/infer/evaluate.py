@@ -9,14 +9,17 @@ import dataclasses
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 
+from vlm_jax.config import SourceConfig, TrainConfig
 from vlm_jax.data import build_source, collate
 from vlm_jax.data.bad_records import BadRecord
-from vlm_jax.data.config import SourceConfig
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.vqa import exact_match, majority_baseline
+from vlm_jax.registry import EVALUATORS
+from vlm_jax.train.step import loss_sums
 
 
 def source_label(s: SourceConfig) -> str:
@@ -51,8 +54,7 @@ class SourceResult:
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _nll_and_tokens(model, params, batch, chunk):
-    from vlm_jax.train.step import loss_sums
-    sums = loss_sums(model, params, batch, chunk)
+    sums = loss_sums(model, params, batch, TrainConfig(loss_chunk=chunk))
     return sums.nll, sums.weight
 
 
@@ -92,3 +94,14 @@ def results_table(results: list[SourceResult]) -> str:
         lines.append(f"{r.label:<{width}}  {r.examples:>8}  {r.accuracy:>8.1%}  {r.baseline:>14.1%}  "
                      f"{r.perplexity:>10.3f}" + (f"  ({r.skipped} unreadable skipped)" if r.skipped else ""))
     return "\n".join(lines)
+
+
+@EVALUATORS.register("answer_accuracy")
+def answer_accuracy(model, params, data, stage: int, limit: int, mesh, rules) -> dict[str, float]:
+    """The trainer's periodic eval_accuracy/<source>: greedy answers to the first `limit` records of each held-out
+    source of the stage's data (a PipelineData)."""
+    config = data.data(stage)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        answerer = Answerer(model, params, data.tokenizer, config, batch_size=config.shapes.batch_size)
+        results = evaluate_sources(answerer, config.eval_sources, limit, perplexity=False)
+    return {f"eval_accuracy/{r.label}": r.accuracy for r in results}

@@ -50,7 +50,8 @@ def _generate(decoder, params, inputs: dict, sampling: Sampling, rng):
     ids, prompt_mask = inputs["input_ids"], inputs["prompt_mask"].astype(jnp.int32)
     b, s = ids.shape
     total = s + sampling.max_new_tokens
-    vision = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask") if k in inputs}
+    # The family's image inputs (Family.generation_inputs): everything but the text and its masks.
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "prompt_mask", "cross_attention_mask")}
     cross_mask = inputs.get("cross_attention_mask")
     positions = _positions(prompt_mask)
 

@@ -12,21 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.config import ModelConfig
+from vlm_jax.config import ModelConfig, check
+from vlm_jax.config.model import validate_vit
 from vlm_jax.models.layers import Attention, GeluMLP, Linear, RMSNorm, SwiGLU, dtype_of, param
+from vlm_jax.registry import CONNECTORS
 
-CONNECTORS: dict[str, type[nn.Module]] = {}
-
-
-def register_connector(kind: str):
-    def wrap(cls):
-        CONNECTORS[kind] = cls
-        return cls
-    return wrap
+register_connector = CONNECTORS.register
 
 
 def build_connector(config: ModelConfig, name: str = "connector") -> nn.Module:
-    return CONNECTORS[config.connector.kind](config, name=name)
+    return CONNECTORS.get(config.connector.kind)(config, name=name)
 
 
 def _kw(cfg: ModelConfig):
@@ -51,6 +46,10 @@ def _projector(cfg: ModelConfig) -> GeluMLP:
 
 class Connector(nn.Module):
     config: ModelConfig
+
+    @staticmethod
+    def validate(cfg: ModelConfig):
+        """One-line ConfigError when model.connector (or the towers) cannot feed this connector."""
 
     @staticmethod
     def tokens_per_image(cfg: ModelConfig, tokens: int) -> int:
@@ -80,6 +79,13 @@ class DualEncoderMerge(Connector):
     LLaVA projector. Weights start equal."""
     forward_flops = staticmethod(_projector_flops)
 
+    @staticmethod
+    def validate(cfg: ModelConfig):
+        check(cfg.ocr_vit is not None, "model.ocr_vit must be set for connector 'dual_mlp'")
+        validate_vit(cfg.ocr_vit, "model.ocr_vit")
+        check((cfg.ocr_vit.hidden_size, cfg.ocr_vit.num_tokens) == (cfg.vit.hidden_size, cfg.vit.num_tokens),
+              "model.ocr_vit must give as many tokens of the same width as model.vit (features are averaged)")
+
     @nn.compact
     def __call__(self, features):
         logits = param(self, "merge_logits", nn.initializers.zeros, (len(features),), (None,),
@@ -103,6 +109,13 @@ class PixelShuffleProjector(Connector):
     """Idefics3: s x s neighbouring patches become one token (s^2 fewer tokens), then a linear map, no bias."""
 
     @staticmethod
+    def validate(cfg: ModelConfig):
+        s, side = cfg.connector.scale_factor, cfg.vit.patches_per_side
+        check(s > 0 and side % s == 0 and not cfg.vit.class_token,
+              f"model.connector.scale_factor ({s}) must divide the {side}x{side} patch grid of a tower without a "
+              "class token")
+
+    @staticmethod
     def tokens_per_image(cfg: ModelConfig, tokens: int) -> int:
         return tokens // cfg.connector.scale_factor ** 2
 
@@ -121,6 +134,13 @@ class PixelShuffleProjector(Connector):
 class PerceiverResampler(Connector):
     """Idefics2/Flamingo style: `num_latents` learned queries cross-attend to the projected features and to
     themselves, layer by layer, so every image costs a fixed number of tokens whatever its patch count."""
+
+    @staticmethod
+    def validate(cfg: ModelConfig):
+        c = cfg.connector
+        check(c.num_latents > 0 and cfg.text.hidden_size % c.num_heads == 0,
+              f"model.connector: num_latents must be positive and num_heads ({c.num_heads}) must divide "
+              f"model.text.hidden_size ({cfg.text.hidden_size})")
 
     @staticmethod
     def tokens_per_image(cfg: ModelConfig, tokens: int) -> int:

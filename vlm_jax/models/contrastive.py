@@ -1,14 +1,13 @@
 """Contrastive image-text dual encoders: CLIP and SigLIP (transformers' CLIPModel / SiglipModel).
 
 The image tower is the shared ViT; the text tower is the same pre-norm encoder stack over token + learned
-position embeddings, with the text logical axes. The losses live in vlm_jax/losses/contrastive.py."""
+position embeddings, with the text logical axes. The losses live in vlm_jax/objectives/contrastive.py."""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.models.registry import register_model
 from vlm_jax.models.layers import EncoderSpec, LayerNorm, Linear, constrain, dtype_of, param
 from vlm_jax.models.vision import encoder_stack
 from vlm_jax.models.vit import ViT
@@ -21,10 +20,16 @@ def text_encoder_spec(cfg: ModelConfig) -> EncoderSpec:
                        length_axis="length", layers_axis="layers")
 
 
+def sigmoid_style(cfg: ModelConfig) -> bool:
+    """SigLIP's structure (its tower kind): bidirectional text, last-token pooling, own heads, a logit bias;
+    otherwise CLIP's (causal text, eos pooling, shared projections)."""
+    return cfg.vit.kind == "siglip"
+
+
 def pool_index(cfg: ModelConfig, input_ids):
     """Which token represents the text: SigLIP the last one; CLIP the first eos, or the largest id when the
     config says eos is 2 (checkpoints from before transformers fixed CLIP's eos id)."""
-    if cfg.family == "siglip":
+    if sigmoid_style(cfg):
         return jnp.full(input_ids.shape[:1], input_ids.shape[1] - 1)
     if cfg.text_encoder.eos_token_id == 2:
         return jnp.argmax(input_ids, axis=-1)
@@ -48,12 +53,12 @@ class TextEncoder(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         keys = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         mask = jnp.broadcast_to(keys[:, None, None, :], (b, 1, s, s))
-        if cfg.family == "clip":
+        if not sigmoid_style(cfg):
             mask = mask & jnp.tril(jnp.ones((s, s), bool))
         x, _ = encoder_stack(cfg, "encoder", text_encoder_spec(cfg), e.num_layers)(x, mask)
         x = LayerNorm("embed", e.norm_eps, name="final_layer_norm", **kw)(x)
         pooled = x[jnp.arange(b), pool_index(cfg, input_ids)]
-        if cfg.family == "siglip":
+        if sigmoid_style(cfg):
             pooled = Linear(e.projection_dim, ("embed", "embed_out"), use_bias=True, name="head", **kw)(pooled)
         return pooled
 
@@ -63,12 +68,10 @@ def _normalize(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@register_model("clip", "siglip")
 class ContrastiveDualEncoder(nn.Module):
     """CLIP: projections without bias onto a shared width, logits scaled by exp(logit_scale).
     SigLIP: the towers' own heads, logits exp(logit_scale) * cos + logit_bias."""
     config: ModelConfig
-    decode: bool = False  # unused; the registry builds every family with it
 
     def setup(self):
         cfg = self.config
@@ -78,7 +81,7 @@ class ContrastiveDualEncoder(nn.Module):
         pdtype = kw["param_dtype"]
         self.logit_scale = param(self, "logit_scale", nn.initializers.constant(cfg.logit_scale_init), (1,),
                                  (None,), pdtype)
-        if cfg.family == "clip":
+        if not sigmoid_style(cfg):
             proj = cfg.text_encoder.projection_dim
             self.visual_projection = Linear(proj, ("vision_embed", "embed_out"), **kw)
             self.text_projection = Linear(proj, ("embed", "embed_out"), **kw)
@@ -89,12 +92,12 @@ class ContrastiveDualEncoder(nn.Module):
     def encode_image(self, pixel_values):
         """(B, C, H, W) -> unit-norm fp32 (B, D)."""
         pooled = self.vision(jnp.asarray(pixel_values)).pooled
-        return _normalize(self.visual_projection(pooled) if self.config.family == "clip" else pooled)
+        return _normalize(pooled if sigmoid_style(self.config) else self.visual_projection(pooled))
 
     def encode_text(self, input_ids, attention_mask=None):
         """(B, S) -> unit-norm fp32 (B, D)."""
         pooled = self.text(jnp.asarray(input_ids), attention_mask)
-        return _normalize(self.text_projection(pooled) if self.config.family == "clip" else pooled)
+        return _normalize(pooled if sigmoid_style(self.config) else self.text_projection(pooled))
 
     def __call__(self, input_ids, pixel_values, attention_mask=None):
         """Returns dict(image_embeds, text_embeds, logits_per_text (B_text, B_image), logit_scale, logit_bias)
@@ -102,7 +105,7 @@ class ContrastiveDualEncoder(nn.Module):
         image = self.encode_image(pixel_values)
         text = self.encode_text(input_ids, attention_mask)
         scale = self.logit_scale.reshape(()).astype(jnp.float32)
-        bias = self.logit_bias.reshape(()).astype(jnp.float32) if self.config.family == "siglip" else jnp.zeros(())
+        bias = self.logit_bias.reshape(()).astype(jnp.float32) if sigmoid_style(self.config) else jnp.zeros(())
         logits = text @ image.T * jnp.exp(scale) + bias
         return dict(image_embeds=image, text_embeds=text, logits_per_text=logits, logit_scale=scale,
                     logit_bias=bias)

@@ -4,17 +4,16 @@ embeddings of the shared Llama decoder (hf_layouts.md B, C).
 Shapes are static under jit: every image slot is encoded, and the k-th `<image>` token in row-major
 (batch, sequence) order takes the k-th feature row of the real images in order, so padding slots are skipped
 without dynamic shapes. The data pipeline guarantees the counts agree: it expands each `<image>` to
-`tokens_per_image` tokens (`input_spec_from_model`), and `encode_images` checks the connector returns that many.
+`tokens_per_image` tokens (the family's input spec), and `encode_images` checks the connector returns that many.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.models.connectors import CONNECTORS, build_connector
-from vlm_jax.models.registry import register_model
+from vlm_jax.registry import CONNECTORS
+from vlm_jax.models.connectors import build_connector
 from vlm_jax.models.layers import constrain
 from vlm_jax.models.text import DecoderInputs, TextDecoder, packing_defaults
 from vlm_jax.models.vit import ViT, ViTOutput
@@ -28,18 +27,7 @@ def feature_tokens(cfg: ModelConfig) -> int:
 
 def tokens_per_image(cfg: ModelConfig) -> int:
     """`<image>` tokens the data pipeline must emit per image."""
-    return CONNECTORS[cfg.connector.kind].tokens_per_image(cfg, feature_tokens(cfg))
-
-
-def check_image_tokens(input_ids, num_images: int, cfg: ModelConfig):
-    """Host-side check for the data pipeline: as many `<image>` tokens as the real images produce features.
-    Raises BadRecord('image_count_mismatch') with a one-line reason, so the pipeline counts and skips it."""
-    from vlm_jax.data.bad_records import BadRecord  # the data package imports models; not at module load
-    found = int((np.asarray(input_ids) == cfg.image_token_index).sum())
-    expected = num_images * tokens_per_image(cfg)
-    if found != expected:
-        raise BadRecord("image_count_mismatch", f"{found} <image> tokens but {num_images} images x "
-                        f"{tokens_per_image(cfg)} features = {expected}")
+    return CONNECTORS.get(cfg.connector.kind).tokens_per_image(cfg, feature_tokens(cfg))
 
 
 def select_features(out: ViTOutput, cfg: ModelConfig):
@@ -70,7 +58,6 @@ def patch_mask_of(pixel_attention_mask, patch: int):
     return grid.any(axis=(2, 4))
 
 
-@register_model("llava", "idefics3")
 class UnifiedVLM(nn.Module):
     config: ModelConfig
     decode: bool = False

@@ -1,19 +1,14 @@
-"""Composed vision-language models and their registry."""
+"""The cross-attention VLM (Llama 3.2 Vision); the unified and contrastive ones are in unified.py and
+contrastive.py. Families (vlm_jax/families/) build them."""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.config import CONTRASTIVE_FAMILIES, UNIFIED_FAMILIES, ModelConfig
+from vlm_jax.config import ModelConfig
 from vlm_jax.models.layers import Linear, constrain, dtype_of
-from vlm_jax.models import contrastive, unified  # noqa: F401  (they register their families)
-from vlm_jax.models.registry import MODELS, register_model
 from vlm_jax.models.text import DecoderInputs, TextDecoder, packing_defaults
 from vlm_jax.models.vision import MllamaVisionEncoder
-
-
-def build_model(config: ModelConfig, decode: bool = False) -> nn.Module:
-    return MODELS[config.family](config, decode=decode)
 
 
 def cross_attention_masks(cross_attention_mask, tokens_per_tile: int, segment_ids=None, image_segment_ids=None):
@@ -33,7 +28,6 @@ def cross_attention_masks(cross_attention_mask, tokens_per_tile: int, segment_id
     return (allowed | (~row_any & fallback))[:, None], row_any
 
 
-@register_model("mllama")
 class CrossAttentionVLM(nn.Module):
     """Llama 3.2 Vision: tiled ViT -> linear projector -> keys/values of gated cross-attention layers."""
     config: ModelConfig
@@ -77,36 +71,3 @@ class CrossAttentionVLM(nn.Module):
         inputs = DecoderInputs(positions, segment_ids, cross_states, cross_mask,
                                row_mask)
         return self.text(input_ids, inputs, return_hidden=return_hidden)
-
-
-def example_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, num_images: int = 1) -> dict:
-    """Smallest inputs that touch every parameter: used for init and abstract shapes."""
-    if config.family in CONTRASTIVE_FAMILIES:
-        v = config.vit
-        return dict(input_ids=jnp.zeros((batch, min(seq_len, config.text_encoder.max_position_embeddings)), jnp.int32),
-                    pixel_values=jnp.zeros((batch, v.num_channels, v.image_size, v.image_size), jnp.float32))
-    if config.family in UNIFIED_FAMILIES:
-        v = config.vit
-        return dict(input_ids=jnp.zeros((batch, seq_len), jnp.int32), pixel_values=jnp.zeros(
-            (batch, num_images, v.num_channels, v.image_size, v.image_size), jnp.float32))
-    v = config.vision
-    t = v.max_num_tiles
-    return dict(
-        input_ids=jnp.zeros((batch, seq_len), jnp.int32),
-        pixel_values=jnp.zeros((batch, num_images, t, v.num_channels, v.image_size, v.image_size), jnp.float32),
-        aspect_ratio_ids=jnp.ones((batch, num_images), jnp.int32),
-        aspect_ratio_mask=jnp.ones((batch, num_images, t), jnp.int32),
-        cross_attention_mask=jnp.ones((batch, seq_len, num_images, t), jnp.int32),
-    )
-
-
-def init_params(model: nn.Module, rng, **input_kwargs):
-    """Boxed (logically partitioned) parameters; `nn.meta.unbox` them for plain arrays."""
-    inputs = example_inputs(model.config, **input_kwargs)
-    return model.init(rng, **inputs)["params"]
-
-
-def abstract_params(model: nn.Module):
-    """Parameter shapes/dtypes (with logical axes metadata) without allocating anything."""
-    import jax
-    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))

@@ -14,18 +14,21 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vlm_jax import sharding
-from vlm_jax.config import CONTRASTIVE_FAMILIES, Config
+from vlm_jax import hardware, sharding
+from vlm_jax.config import Config
 from vlm_jax.errors import ConfigError, UserError
-from vlm_jax.models.vlm import abstract_params, build_model, init_params
+from vlm_jax.families import abstract_params, get_family, init_params
+from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.data_source import PipelineData, SyntheticSource
+from vlm_jax.train.data import open_train_data
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
-from vlm_jax.train.state import (TrainState, abstract_with_shardings, init_opt_state, scalars,
-                                 state_shardings)
+from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings, init_opt_state, scalars
 from vlm_jax.train.step import batch_shardings, make_eval_step, make_train_step
+
+# Logged as eval_accuracy/<source> when train.eval_examples > 0 (registered by vlm_jax/infer/evaluate.py).
+ANSWER_ACCURACY = "answer_accuracy"
 
 
 class NonFiniteError(UserError):
@@ -56,23 +59,6 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-class StagePlan:
-    """What a stage needs besides its config: trainable set, optimizer and state shardings."""
-
-    def __init__(self, cfg: Config, stage: Stage, abstract_boxed, mesh, rules):
-        paths = opt.flatten(nn.meta.unbox(abstract_boxed)).keys()
-        self.stage = stage
-        self.trainable = opt.select_trainable(paths, stage.trainable, stage.frozen)
-        if not self.trainable:
-            raise ConfigError(f"stage '{stage.name}': train.trainable/frozen leave no trainable parameter")
-        self.tx = opt.build_optimizer(cfg.train.optimizer, self.trainable)
-        self.shardings = state_shardings(abstract_boxed, self.tx, self.trainable, mesh, rules)
-
-    def abstract_opt_state(self, abstract_params_tree):
-        trainable, _ = opt.split(abstract_params_tree, self.trainable)
-        return abstract_with_shardings(jax.eval_shape(self.tx.init, trainable), self.shardings.opt_state)
-
-
 class Trainer:
     def __init__(self, cfg: Config, devices=None, echo=print):
         if not cfg.workdir:
@@ -80,21 +66,15 @@ class Trainer:
         self.cfg, self.echo = cfg, echo
         self.stages = resolve_stages(cfg.train)
         self.end = total_steps(cfg.train, self.stages)
+        self.family = get_family(cfg.model)
+        self.data = open_train_data(cfg, self.stages, self.family, echo)  # data errors before the model is built
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.load_rules(cfg.mesh.rules)
-        self.model = build_model(cfg.model)
+        self.model = self.family.build(cfg.model)
         self.abstract_boxed = abstract_params(self.model)
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
         self.ckpt_dir = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
-        # data.sources set: batches come from the Grain pipeline (see PipelineData); otherwise synthetic.
-        # CLIP/SigLIP: (image, caption) pairs of embedded tasks (see ContrastiveData).
-        self.contrastive = cfg.model.family in CONTRASTIVE_FAMILIES
-        if self.contrastive:
-            from vlm_jax.train.contrastive_data import ContrastiveData
-            self.data = ContrastiveData(cfg, self.stages, echo)
-        else:
-            self.data = PipelineData(cfg, self.stages, echo) if cfg.data.sources else None
 
     def plan(self, stage: Stage) -> StagePlan:
         if stage.index not in self.plans:
@@ -170,29 +150,15 @@ class Trainer:
                   f"optimizer state {opt_bytes / 2**20:.2f} MiB (frozen parameters hold none); "
                   f"mesh {dict(self.mesh.shape)}")
 
-    def source(self, stage: Stage, seed_offset: int = 0):
-        """The synthetic source of a stage (used when data.sources is empty)."""
-        return SyntheticSource(self.cfg.model, stage.synthetic, self.cfg.train.batch_size,
-                               self.cfg.seed + 1000 * stage.index + seed_offset)
-
     def open_source(self, stage: Stage, data_iter: dict):
         """The stage's training batches, continuing `data_iter` (the checkpoint item) where it applies."""
-        if self.data is not None:
-            return self.data.open(stage.index, data_iter)
-        source = self.source(stage)
-        if data_iter.get("stage") == stage.index:
-            source.set_state(data_iter["iter"])
-        return source
+        return self.data.iterator(stage.index, data_iter)
 
     def place(self, batch: dict) -> dict:
-        """Host batch -> global arrays. Pipeline batches are this process's rows of the global batch."""
-        if self.data is None or jax.process_count() == 1:
-            return sharding.shard_batch(batch, self.mesh, self.rules)
-        return {k: jax.make_array_from_process_local_data(sharding.data_sharding(self.mesh, self.rules, v.ndim), v)
-                for k, v in batch.items()}
+        return self.data.place(batch, self.mesh, self.rules)
 
     def iter_state(self, source) -> dict:
-        return source.get_state() if self.data is None else self.data.state(source)
+        return self.data.state(source)
 
     def run(self) -> RunResult:
         train = self.cfg.train
@@ -220,7 +186,7 @@ class Trainer:
 
     def _loop(self, mgr, logger, state, owner, data_iter, stop) -> RunResult:
         train, n_devices = self.cfg.train, self.mesh.devices.size
-        peak, _ = flops.peak_flops_per_device(train.peak_flops_per_device)
+        peak, _ = hardware.peak_flops_per_device(train.peak_flops_per_device)
         result = RunResult(state)
         step = int(state.step)
         while step < self.end:
@@ -233,8 +199,7 @@ class Trainer:
                 state, step, data_iter = self._stage(mgr, logger, state, owner, stage, plan, source, stop, result,
                                                      peak, n_devices)
             finally:
-                if self.data is not None:
-                    source.close()
+                source.close()
             if result.stopped_by_signal:
                 return result
         result.state = state
@@ -243,13 +208,8 @@ class Trainer:
     def _stage(self, mgr, logger, state, owner, stage, plan, source, stop, result, peak, n_devices):
         """Runs `stage` up to its end (or a SIGTERM); returns (state, step, the last saved data_iter item)."""
         train, step, data_iter = self.cfg.train, int(state.step), {}
-        if self.data is None:
-            example, rows = source.batch(0), train.batch_size
-            seq_len, num_images = stage.synthetic.seq_len, stage.synthetic.num_images
-        else:
-            example, rows = self.data.example(stage.index), self.data.global_batch(stage.index)
-            shapes = self.data.data(stage.index).shapes
-            seq_len, num_images = shapes.seq_len, shapes.max_images
+        example, rows = self.data.example_batch(stage.index), self.data.global_batch(stage.index)
+        seq_len, num_images = self.data.sample_shape(stage.index)
         batch_sh = batch_shardings(example, self.mesh, self.rules)
         step_fn = make_train_step(self.model, train, stage, plan.tx, plan.trainable, plan.shardings,
                                   batch_sh, self.mesh, self.rules)
@@ -299,13 +259,8 @@ class Trainer:
         return state, step, data_iter
 
     def evaluate(self, eval_fn, params, stage: Stage) -> float:
-        """Synthetic: mean loss of `train.eval_batches` held-out batches. Pipeline: loss per supervised token
-        over the first `train.eval_batches` batches of data.eval_sources (0 = the whole held-out set)."""
-        if self.data is None:
-            source = self.source(stage, seed_offset=1)
-            losses = [float(eval_fn(params, sharding.shard_batch(next(source), self.mesh, self.rules))["loss"])
-                      for _ in range(self.cfg.train.eval_batches)]
-            return float(np.mean(losses))
+        """Loss per supervised unit (token, or row for contrastive objectives) over the first
+        `train.eval_batches` held-out batches (0 = the whole held-out set)."""
         total = weight = 0.0
         for batch in self.data.eval_batches(stage.index, self.cfg.train.eval_batches):
             out = jax.device_get(eval_fn(params, self.place(batch)))
@@ -314,19 +269,14 @@ class Trainer:
         return total / max(weight, 1.0)
 
     def task_metrics(self, params, stage: Stage) -> dict[str, float]:
-        """Task metrics logged beside eval_loss: contrastive models' held-out retrieval recall@k (and chance);
-        otherwise eval_accuracy/<source> of greedy answers to the first `train.eval_examples` held-out records."""
-        if self.contrastive:
-            return self.data.eval_metrics(self.model, params, stage.index, self.place, self.mesh, self.rules)
-        if self.data is None or not self.cfg.train.eval_examples:
-            return {}
-        from vlm_jax.infer.answer import Answerer
-        from vlm_jax.infer.evaluate import evaluate_sources
-        data = self.data.data(stage.index)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            answerer = Answerer(self.model, params, self.data.tokenizer, data, batch_size=data.shapes.batch_size)
-            results = evaluate_sources(answerer, data.eval_sources, self.cfg.train.eval_examples, perplexity=False)
-        return {f"eval_accuracy/{r.label}": r.accuracy for r in results}
+        """Metrics logged beside eval_loss: the data's own (contrastive retrieval recall@k), and with
+        `train.eval_examples` the exact-match accuracy of greedy answers to that many held-out records."""
+        metrics = self.data.eval_metrics(self.model, params, stage.index, self.mesh, self.rules)
+        if self.cfg.train.eval_examples:
+            evaluator = EVALUATORS.get(ANSWER_ACCURACY)
+            metrics.update(evaluator(self.model, params, self.data, stage.index, self.cfg.train.eval_examples,
+                                     self.mesh, self.rules))
+        return metrics
 
 
 def train(cfg: Config, devices=None, echo=print) -> RunResult:

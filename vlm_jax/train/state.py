@@ -11,6 +11,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vlm_jax import sharding
+from vlm_jax.errors import ConfigError
 from vlm_jax.train import optimizer as opt
 
 
@@ -58,3 +59,20 @@ def abstract_with_shardings(abstract_tree, shardings):
 def init_opt_state(tx, params, trainable: frozenset[str], shardings):
     trainable_params, _ = opt.split(params, trainable)
     return jax.jit(tx.init, out_shardings=shardings)(trainable_params)
+
+
+class StagePlan:
+    """What a stage needs besides its config: trainable set, optimizer and state shardings."""
+
+    def __init__(self, cfg, stage, abstract_boxed, mesh, rules):
+        paths = opt.flatten(nn.meta.unbox(abstract_boxed)).keys()
+        self.stage = stage
+        self.trainable = opt.select_trainable(paths, stage.trainable, stage.frozen)
+        if not self.trainable:
+            raise ConfigError(f"stage '{stage.name}': train.trainable/frozen leave no trainable parameter")
+        self.tx = opt.build_optimizer(cfg.train.optimizer, self.trainable)
+        self.shardings = state_shardings(abstract_boxed, self.tx, self.trainable, mesh, rules)
+
+    def abstract_opt_state(self, abstract_params_tree):
+        trainable, _ = opt.split(abstract_params_tree, self.trainable)
+        return abstract_with_shardings(jax.eval_shape(self.tx.init, trainable), self.shardings.opt_state)

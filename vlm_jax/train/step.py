@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import optax
 
 from vlm_jax import sharding
-from vlm_jax.config import CONTRASTIVE_FAMILIES, TrainConfig
-from vlm_jax.models.layers import dtype_of
-from vlm_jax.train import loss as losses
+from vlm_jax.config import TrainConfig
+from vlm_jax.families import get_family
+from vlm_jax.objectives import LossSums
+from vlm_jax.registry import OBJECTIVES
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.contrastive_loss import contrastive_loss_sums
-from vlm_jax.train.data_source import model_inputs
 from vlm_jax.train.recipe import Stage
 from vlm_jax.train.state import TrainState
 
@@ -28,13 +27,10 @@ def batch_shardings(example_batch: dict, mesh, rules) -> dict:
     return {k: sharding.data_sharding(mesh, rules, len(v.shape)) for k, v in example_batch.items()}
 
 
-def loss_sums(model, params, batch: dict, chunk: int) -> losses.LossSums:
-    if model.config.family in CONTRASTIVE_FAMILIES:  # CLIP / SigLIP: over the global batch
-        return contrastive_loss_sums(model, params, batch)
-    hidden = model.apply({"params": params}, **model_inputs(batch, model.config), return_hidden=True)
-    targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"])
-    kernel = losses.lm_head_kernel(params, model.config)
-    return losses.chunked_loss(hidden, kernel, targets, weights, chunk, dtype_of(model.config.dtype))
+def loss_sums(model, params, batch: dict, train: TrainConfig) -> LossSums:
+    """The model family's objective on `batch`."""
+    family = get_family(model.config)
+    return OBJECTIVES.get(family.objective)(model, params, family.model_kwargs(batch), batch, train)
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -48,7 +44,7 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
     factor_at = opt.schedule_factor(stage.schedule, stage.steps)
 
     def objective(trainable_params, frozen_params, batch):
-        sums = loss_sums(model, opt.merge(trainable_params, frozen_params), batch, train.loss_chunk)
+        sums = loss_sums(model, opt.merge(trainable_params, frozen_params), batch, train)
         return sums.nll + train.z_loss * sums.z, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -63,7 +59,7 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
             (_, s), g = grad_fn(trainable_params, frozen_params, micro)
             return (jax.tree.map(jnp.add, sums, s), jax.tree.map(jnp.add, grads, g)), None
 
-        zero = (losses.LossSums(*(jnp.zeros((), jnp.float32),) * 3), jax.tree.map(jnp.zeros_like, trainable_params))
+        zero = (LossSums(*(jnp.zeros((), jnp.float32),) * 3), jax.tree.map(jnp.zeros_like, trainable_params))
         (sums, grads), _ = jax.lax.scan(accumulate, zero, _microbatches(batch, train.microbatches))
         return grads, sums
 
@@ -105,7 +101,7 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
 
 def make_eval_step(model, train: TrainConfig, params_sh, batch_sh: dict, mesh, rules) -> Callable:
     def evaluate(params, batch):
-        sums = loss_sums(model, params, batch, train.loss_chunk)
+        sums = loss_sums(model, params, batch, train)
         return dict(loss=sums.nll / jnp.maximum(sums.weight, 1.0), supervised_tokens=sums.weight)
 
     jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh))

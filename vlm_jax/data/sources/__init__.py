@@ -5,20 +5,19 @@ and raises BadRecord for a record it cannot parse.
 """
 from __future__ import annotations
 
-from vlm_jax.config import ConfigError
-from vlm_jax.data.config import SourceConfig
-from vlm_jax.data.registry import Registry
+from vlm_jax.config import SourceConfig
+from vlm_jax.errors import ConfigError
+from vlm_jax.registry import SOURCES
+from vlm_jax.data.sources import embedded, jsonl, tfds_source  # noqa: F401  (they register the built-in kinds)
 
-SOURCES = Registry("source kind", "data.sources[i].kind")
 register_source = SOURCES.register  # factory(SourceConfig) -> source
 
 
 def build_source(cfg: SourceConfig, where: str = "data.sources[?]"):
     """The reader for one configured source; a missing file or dataset is a one-line ConfigError."""
-    if cfg.kind not in SOURCES.names():
-        raise ConfigError(f"{where}.kind: '{cfg.kind}' is not one of {SOURCES.names()}")
+    factory = SOURCES.get(cfg.kind, f"{where}.kind")
     try:
-        source = SOURCES.get(cfg.kind)(cfg)
+        source = factory(cfg)
     except (OSError, ValueError, KeyError) as e:
         message = str(e).split("\n")[0]
         raise ConfigError(f"{where} ({cfg.kind} '{cfg.name}'): {message}") from None
@@ -26,20 +25,3 @@ def build_source(cfg: SourceConfig, where: str = "data.sources[?]"):
         raise ConfigError(f"{where} ({cfg.kind} '{cfg.name}') has no records; check its path and split")
     return source
 
-
-@register_source("embedded")
-def _embedded(cfg: SourceConfig):
-    from vlm_jax.data.sources.embedded import EmbeddedSource
-    return EmbeddedSource(cfg.name, cfg.split, cfg.size)
-
-
-@register_source("jsonl")
-def _jsonl(cfg: SourceConfig):
-    from vlm_jax.data.sources.jsonl import JsonlSource
-    return JsonlSource(cfg.path, cfg.image_root)
-
-
-@register_source("tfds")
-def _tfds(cfg: SourceConfig):
-    from vlm_jax.data.sources.tfds_source import TfdsSource
-    return TfdsSource(cfg.name, cfg.path, cfg.split)

@@ -14,7 +14,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vlm_jax.config import SourceConfig
 from vlm_jax.data.sources import render
+from vlm_jax.registry import SOURCES
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_SIZE = 32  # the 8x8 scans are upscaled to this side
@@ -56,6 +58,11 @@ def task_texts(names: list[str] | None = None) -> list[str]:
     """Every question and answer of the given tasks (all by default): a tokenizer-training corpus."""
     tasks = [get_task(n) for n in names] if names else list_tasks()
     return [t.question for t in tasks if t.question] + [a for t in tasks for a in t.answers]
+
+
+@SOURCES.register("embedded")
+def embedded_source(cfg: SourceConfig) -> "EmbeddedSource":
+    return EmbeddedSource(cfg.name, cfg.split, cfg.size)
 
 
 class EmbeddedSource:

@@ -14,7 +14,9 @@ import os
 
 import numpy as np
 
+from vlm_jax.config import SourceConfig
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.registry import SOURCES
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -54,6 +56,11 @@ def _conversation_turns(conversations) -> list[tuple[str, str]]:
             raise BadRecord("bad_json", "each turn needs 'from' (human/gpt/system) and a string 'value'")
         turns.append((_ROLES[turn["from"]], turn["value"]))
     return turns
+
+
+@SOURCES.register("jsonl")
+def jsonl_source(cfg: SourceConfig) -> "JsonlSource":
+    return JsonlSource(cfg.path, cfg.image_root)
 
 
 class JsonlSource:

@@ -12,7 +12,9 @@ from collections import Counter
 
 import numpy as np
 
+from vlm_jax.config import SourceConfig
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.registry import SOURCES
 from vlm_jax.data.sources.jsonl import parse_record
 
 log = logging.getLogger("vlm_jax.data")
@@ -94,6 +96,11 @@ _CAPTION_KEYS = ("caption", "text")
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@SOURCES.register("tfds")
+def tfds_source(cfg: SourceConfig) -> "TfdsSource":
+    return TfdsSource(cfg.name, cfg.path, cfg.split)
 
 
 class TfdsSource:

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from vlm_jax.config import CONTRASTIVE_FAMILIES
+from vlm_jax.data.image_ops import get_image_op
 from vlm_jax.data.sources.embedded import DIGIT_WORDS, EmbeddedSource, get_task
+from vlm_jax.data.spec import TOWER_NORMALIZATION
 from vlm_jax.errors import ConfigError
-from vlm_jax.train.data_source import SeededStream
+from vlm_jax.models.contrastive import sigmoid_style
+from vlm_jax.registry import TRAIN_DATA
+from vlm_jax.train.data.base import SeededStream, StagedSourcesData
 
 CAPTIONS = {
     "digits_qa": lambda a: f"a handwritten {DIGIT_WORDS[int(a)]}",
@@ -59,7 +64,7 @@ class WordTokenizer:
             raise ConfigError(f"the captions use {len(self.words)} words, more than the {len(free)} free ids of "
                               f"model.text_encoder.vocab_size ({e.vocab_size}); raise it or use fewer tasks")
         self.ids = dict(zip(self.words, free))
-        self.bos = e.bos_token_id if model.family == "clip" else None
+        self.bos = None if sigmoid_style(model) else e.bos_token_id
         self.eos, self.pad = e.eos_token_id, e.pad_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -78,8 +83,6 @@ class PairReader:
     """(image, caption) pairs of several embedded splits, concatenated; images resized to the tower's input."""
 
     def __init__(self, sources, model):
-        from vlm_jax.data.image_ops import get_image_op
-        from vlm_jax.data.spec import TOWER_NORMALIZATION
         self.sources = [EmbeddedSource(s.name, s.split, s.size) for s in sources]
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
         mean, std = TOWER_NORMALIZATION[model.vit.kind]
@@ -124,28 +127,21 @@ class ContrastiveSource(SeededStream):
         self.position += self.rows * self.process_count
         return self.reader.batch(flats, self.tokenizer, self.seq_len)
 
-    def close(self):
-        pass
 
+@TRAIN_DATA.register("contrastive")
+class ContrastiveData(StagedSourcesData):
+    """(image, caption) pairs of embedded tasks for a dual encoder: per-stage data configs, the training stream,
+    the example batch the step compiles for, held-out loss batches and retrieval metrics."""
 
-class ContrastiveData:
-    """What the Trainer needs for a clip/siglip model (the counterpart of PipelineData): per-stage data configs,
-    the training stream, the example batch the step compiles for, held-out loss batches and retrieval metrics."""
-
-    def __init__(self, cfg, stages, echo=print):
-        from vlm_jax.config import stage_data_config
-
-        self.cfg, self.model_cfg, self.echo = cfg, cfg.model, echo
-        self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        if cfg.model.family not in CONTRASTIVE_FAMILIES:
-            raise ConfigError(f"model.family '{cfg.model.family}' is not a contrastive family {CONTRASTIVE_FAMILIES}")
-        if not cfg.data.sources:
-            raise ConfigError("data.sources is empty; contrastive training reads embedded tasks, e.g. "
-                              "data.sources=[{kind: embedded, name: digits_qa}]")
+    def __init__(self, cfg, stages, family, echo=print):
+        if cfg.model.vit is None or cfg.model.text_encoder is None:
+            raise ConfigError(f"contrastive training data is for a dual encoder (model.vit and model.text_encoder); "
+                              f"model.family '{cfg.model.family}' is not one")
+        super().__init__(cfg, stages, family, echo)
+        self.model_cfg = cfg.model
         if cfg.train.microbatches != 1:
             raise ConfigError(f"train.microbatches={cfg.train.microbatches}: contrastive losses take their negatives "
                               "from the whole global batch, which microbatches would split; set train.microbatches=1")
-        self.configs = {s.index: stage_data_config(cfg.data, s.data, f"train.stages[{s.index}].data") for s in stages}
         e, captions = cfg.model.text_encoder, []
         for index, data in self.configs.items():
             where = "data" if index == 0 else f"train.stages[{index}].data"
@@ -157,9 +153,6 @@ class ContrastiveData:
                     raise ConfigError(f"{where}.sources[{i}].weight={s.weight}: the contrastive stream mixes tasks "
                                       "by split size; set weight 1 (and size for procedural tasks) instead")
                 captions += [caption(s.name, a) for a in get_task(s.name).answers]
-            if cfg.train.eval_every and not data.eval_sources:
-                raise ConfigError(f"train.eval_every is set but {where}.eval_sources is empty; list held-out splits "
-                                  "(e.g. {kind: embedded, name: digits_qa, split: test}) or set train.eval_every=0")
             if data.shapes.seq_len > e.max_position_embeddings:
                 raise ConfigError(f"{where}.shapes.seq_len ({data.shapes.seq_len}) exceeds "
                                   f"model.text_encoder.max_position_embeddings ({e.max_position_embeddings})")
@@ -171,32 +164,22 @@ class ContrastiveData:
                                   f"({longest} tokens with bos/eos); raise it to at least {longest}")
         self._eval_cache = {}
 
-    def data(self, stage_index: int):
-        return self.configs[stage_index]
-
-    def global_batch(self, stage_index: int) -> int:
-        return self.configs[stage_index].shapes.batch_size * self.process_count
-
-    def example(self, stage_index: int) -> dict[str, np.ndarray]:
+    def example_batch(self, stage_index: int) -> dict[str, np.ndarray]:
         """Zeros of the stage's host batch shapes (what the step compiles for)."""
         shapes, v = self.configs[stage_index].shapes, self.model_cfg.vit
         b, s = shapes.batch_size, shapes.seq_len
         return dict(pixel_values=np.zeros((b, v.num_channels, v.image_size, v.image_size), np.float32),
                     input_ids=np.zeros((b, s), np.int32), attention_mask=np.zeros((b, s), np.int32))
 
-    def open(self, stage_index: int, saved: dict) -> ContrastiveSource:
+    def iterator(self, stage_index: int, saved: dict) -> ContrastiveSource:
+        """The state is the same on every process: a pure function of the global position."""
         data = self.configs[stage_index]
         source = ContrastiveSource(PairReader(data.sources, self.model_cfg), self.tokenizer, data.shapes.seq_len,
                                    data.shapes.batch_size, data.seed, self.process_index, self.process_count)
-        owner = saved.get("stage")
-        if owner is not None and "iter" in saved and owner in self.configs:
-            previous = self.configs[owner]
-            if owner == stage_index or (previous.sources, previous.seed) == (data.sources, data.seed):
-                source.set_state(saved["iter"])
+        state = self.continued_state(stage_index, saved)
+        if state is not None:
+            source.set_state(state)
         return source
-
-    def state(self, source: ContrastiveSource) -> dict:
-        return source.get_state()  # the same on every process: a pure function of the global position
 
     def _held_out(self, stage_index: int):
         """(reader, global batch rows) of the stage's held-out pairs."""
@@ -221,10 +204,10 @@ class ContrastiveData:
             start = b * rows + self.process_index * local
             yield reader.batch(range(start, start + local), self.tokenizer, seq_len)
 
-    def eval_metrics(self, model, params, stage_index: int, place, mesh, rules) -> dict[str, float]:
+    def eval_metrics(self, model, params, stage_index: int, mesh, rules) -> dict[str, float]:
         """Image->text recall@k over the held-out set's distinct captions, and chance@k (see module docstring)."""
-        import flax.linen as nn
-        from jax.experimental import multihost_utils
+        def place(batch):
+            return self.place(batch, mesh, rules)
 
         def host(x):  # the global rows, on every process
             return np.asarray(multihost_utils.process_allgather(x, tiled=True) if self.process_count > 1 else x)
@@ -244,7 +227,7 @@ class ContrastiveData:
             for start in range(0, len(unique), rows):
                 texts = [unique[(start + self.process_index * local + j) % len(unique)] for j in range(local)]
                 ids, mask = self.tokenizer.batch(texts, seq_len)
-                batch = dict(pixel_values=np.zeros_like(self.example(stage_index)["pixel_values"]), input_ids=ids,
+                batch = dict(pixel_values=np.zeros_like(self.example_batch(stage_index)["pixel_values"]), input_ids=ids,
                              attention_mask=mask)
                 out = _embed(model, params, place(batch))
                 for j, row in enumerate(host(out["text_embeds"])):

@@ -1,11 +1,17 @@
-"""Contrastive image-text losses and retrieval metrics.
+"""Contrastive image-text objectives (CLIP's softmax, SigLIP's sigmoid) and retrieval metrics.
 
-Written on GLOBAL arrays: called inside jit on batch-sharded embeddings, the (B, B) similarity matrix spans
-the whole global batch (XLA inserts the gathers), so every example's negatives come from every device."""
+Written on GLOBAL arrays: called inside the jitted step on batch-sharded embeddings, the (B, B) similarity
+matrix spans the whole global batch (XLA inserts the gathers), so every example's negatives come from every
+device. As objectives they return LossSums(nll = loss * B, z = 0, weight = B): the step divides by `weight`,
+which gives back the loss."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.config import TrainConfig
+from vlm_jax.objectives.base import LossSums
+from vlm_jax.registry import OBJECTIVES
 
 
 def similarity_logits(image_embeds, text_embeds, logit_scale, logit_bias=0.0):
@@ -45,3 +51,17 @@ def retrieval_metrics(image_embeds, text_embeds, ks=(1, 5, 10)) -> dict[str, jnp
     sim = similarity_logits(image_embeds, text_embeds, 0.0)
     return {**{f"text_to_image/{k}": v for k, v in retrieval_recall(sim, ks).items()},
             **{f"image_to_text/{k}": v for k, v in retrieval_recall(sim.T, ks).items()}}
+
+
+def _as_objective(loss_of_outputs):
+    def objective(model, params, inputs: dict, batch: dict, train: TrainConfig) -> LossSums:
+        loss = loss_of_outputs(model.apply({"params": params}, **inputs))
+        rows = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+        return LossSums(loss * rows, jnp.zeros((), jnp.float32), rows)
+    return objective
+
+
+OBJECTIVES.register("softmax_contrastive")(_as_objective(
+    lambda out: clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])))
+OBJECTIVES.register("sigmoid_contrastive")(_as_objective(
+    lambda out: siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"])))

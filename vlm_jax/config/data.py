@@ -1,4 +1,4 @@
-"""Input-pipeline config, mounted at the root config as `data:`; `validate_data` checks it.
+"""The `data:` section: what the trainer reads, and how the Grain pipeline reads, mixes, shapes and packs it.
 
 Image geometry (tile side, mean/std, tiles per image for Mllama) belongs to the model and arrives in
 `InputSpec`; this config only says how to read, mix, shape and pack the data.
@@ -7,15 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_jax.errors import ConfigError
+from vlm_jax.config.loader import check
+from vlm_jax.registry import IMAGE_OPS, SOURCES, TEMPLATES
 
 OVERFLOW = ("truncate", "drop")
-
-
-def _registered(kind: str) -> list[str]:
-    """Names in a registry (sources, image ops, templates); imported late because they import this module."""
-    from vlm_jax.data import image_ops, sources, templates
-    return {"source": sources.SOURCES, "image op": image_ops.IMAGE_OPS, "template": templates.TEMPLATES}[kind].names()
 
 
 @dataclass(frozen=True)
@@ -75,41 +70,36 @@ class DataConfig:
     bad_fraction_min_records: int = 200  # ... judged only after this many records
 
 
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
-
-
 def _validate_source(s: SourceConfig, where: str):
-    _check(s.kind in _registered("source"), f"{where}.kind: '{s.kind}' is not one of {_registered('source')}")
-    _check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
-    _check(s.kind not in ("jsonl", "tfds") or bool(s.path),
+    SOURCES.get(s.kind, f"{where}.kind")
+    check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
+    check(s.kind not in ("jsonl", "tfds") or bool(s.path),
            f"{where}.path must be set for a {s.kind} source ({'the .jsonl file' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
-    _check(s.weight > 0, f"{where}.weight must be positive, got {s.weight}")
-    _check(s.size >= 0, f"{where}.size must be >= 0 (0 = task default), got {s.size}")
+    check(s.weight > 0, f"{where}.weight must be positive, got {s.weight}")
+    check(s.size >= 0, f"{where}.size must be >= 0 (0 = task default), got {s.size}")
 
 
 def validate_data(cfg: DataConfig, where: str = "data"):
     """Raises ConfigError (one line naming the key) for the first problem found."""
-    _check(len(cfg.sources) > 0, f"{where}.sources is empty; list at least one source")
+    check(len(cfg.sources) > 0, f"{where}.sources is empty; list at least one source")
     for i, s in enumerate(cfg.sources):
         _validate_source(s, f"{where}.sources[{i}]")
     for i, s in enumerate(cfg.eval_sources):
         _validate_source(s, f"{where}.eval_sources[{i}]")
-    for kind, name, key in (("template", cfg.template, "template"), ("image op", cfg.image.op, "image.op")):
-        _check(name in _registered(kind), f"{where}.{key}: '{name}' is not one of {_registered(kind)}")
-    _check(cfg.image.max_tiles > 0, f"{where}.image.max_tiles must be positive, got {cfg.image.max_tiles}")
+    TEMPLATES.get(cfg.template, f"{where}.template")
+    IMAGE_OPS.get(cfg.image.op, f"{where}.image.op")
+    check(cfg.image.max_tiles > 0, f"{where}.image.max_tiles must be positive, got {cfg.image.max_tiles}")
     for name in ("batch_size", "seq_len", "max_images"):
         value = getattr(cfg.shapes, name)
-        _check(value > 0, f"{where}.shapes.{name} must be positive, got {value}")
-    _check(cfg.shapes.overflow in OVERFLOW, f"{where}.shapes.overflow: '{cfg.shapes.overflow}' is not one of {OVERFLOW}")
+        check(value > 0, f"{where}.shapes.{name} must be positive, got {value}")
+    check(cfg.shapes.overflow in OVERFLOW, f"{where}.shapes.overflow: '{cfg.shapes.overflow}' is not one of {OVERFLOW}")
     w = cfg.workers
-    _check(w.num_workers >= 0, f"{where}.workers.num_workers must be >= 0, got {w.num_workers}")
-    _check(w.read_threads > 0, f"{where}.workers.read_threads must be positive, got {w.read_threads}")
-    _check(w.buffer_size > 0, f"{where}.workers.buffer_size must be positive, got {w.buffer_size}")
-    _check(w.prefetch_batches >= 0, f"{where}.workers.prefetch_batches must be >= 0, got {w.prefetch_batches}")
-    _check(0 <= cfg.seed < 2**31, f"{where}.seed must be in [0, 2^31), got {cfg.seed}")
-    _check(0.0 <= cfg.max_bad_fraction <= 1.0,
+    check(w.num_workers >= 0, f"{where}.workers.num_workers must be >= 0, got {w.num_workers}")
+    check(w.read_threads > 0, f"{where}.workers.read_threads must be positive, got {w.read_threads}")
+    check(w.buffer_size > 0, f"{where}.workers.buffer_size must be positive, got {w.buffer_size}")
+    check(w.prefetch_batches >= 0, f"{where}.workers.prefetch_batches must be >= 0, got {w.prefetch_batches}")
+    check(0 <= cfg.seed < 2**31, f"{where}.seed must be in [0, 2^31), got {cfg.seed}")
+    check(0.0 <= cfg.max_bad_fraction <= 1.0,
            f"{where}.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
-    _check(cfg.bad_fraction_min_records >= 1,
+    check(cfg.bad_fraction_min_records >= 1,
            f"{where}.bad_fraction_min_records must be >= 1, got {cfg.bad_fraction_min_records}")

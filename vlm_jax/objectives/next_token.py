@@ -7,18 +7,13 @@ gradient accumulation exact (token-weighted, not microbatch-averaged).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.config import ModelConfig
-
-
-class LossSums(NamedTuple):
-    nll: jax.Array  # sum of weighted -log p(target)
-    z: jax.Array  # sum of weighted logsumexp^2
-    weight: jax.Array  # number of supervised tokens
+from vlm_jax.config import ModelConfig, TrainConfig
+from vlm_jax.models.layers import dtype_of
+from vlm_jax.objectives.base import LossSums
+from vlm_jax.registry import OBJECTIVES
 
 
 def next_token_targets(input_ids, loss_mask):
@@ -72,3 +67,12 @@ def chunked_loss(hidden, kernel, targets, weights, chunk: int, compute_dtype) ->
 
     per_chunk = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets), chunks(weights)))
     return LossSums(*(jnp.sum(x) for x in per_chunk))
+
+
+@OBJECTIVES.register("next_token")
+def next_token_loss(model, params, inputs: dict, batch: dict, train: TrainConfig) -> LossSums:
+    """Language modelling on the supervised tokens of `batch` (its input_ids and loss_mask)."""
+    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    targets, weights = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    kernel = lm_head_kernel(params, model.config)
+    return chunked_loss(hidden, kernel, targets, weights, train.loss_chunk, dtype_of(model.config.dtype))

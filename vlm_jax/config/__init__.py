@@ -1,0 +1,81 @@
+"""Typed configs: one schema (the dataclasses of each section, in this package's modules) and one loader.
+
+`load_config(path, overrides)` reads YAML with `base:` inheritance, applies dotted overrides, builds the
+dataclasses strictly and validates them; every mistake is a one-line `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_jax.config.data import (DataConfig, ImageConfig, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig,
+                                 validate_data)
+from vlm_jax.config.loader import (apply_overrides, check, deep_merge, from_dict, parse_override, read_yaml,
+                                   to_dict)
+from vlm_jax.config.mesh import DistributedConfig, MeshConfig, validate_mesh
+from vlm_jax.config.model import (ConnectorConfig, MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig,
+                                  TextEncoderConfig, ViTConfig, load_model_config, validate_model)
+from vlm_jax.config.train import (CheckpointConfig, LogConfig, LrGroup, OptimizerConfig, ScheduleConfig,
+                                  StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
+from vlm_jax.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    train: TrainConfig = TrainConfig()
+    # What training reads: data.sources, through the family's reader (the Grain pipeline, caption pairs). The
+    # GLOBAL batch is then data.shapes.batch_size (rows per process) x the process count, of data.shapes.seq_len
+    # tokens (train.microbatches must divide it); train.synthetic.enabled generates train.batch_size rows of
+    # train.synthetic's shapes instead. Stages' `data` mappings deep-merge into this section for that stage. data.tokenizer "" with embedded sources: a
+    # sentencepiece tokenizer is trained once on the embedded tasks' texts and kept as <workdir>/tokenizer.model.
+    data: DataConfig = DataConfig(sources=())
+    seed: int = 0
+    workdir: str = ""
+
+
+def validate(cfg: Config):
+    validate_model(cfg.model)
+    validate_mesh(cfg.mesh, cfg.distributed)
+    validate_train(cfg.train)
+    if cfg.train.synthetic.enabled:
+        check(not cfg.data.sources, "train.synthetic.enabled generates the batches, but data.sources is set; "
+              "remove data.sources or set train.synthetic.enabled=false")
+        for i, stage in enumerate(cfg.train.stages):
+            check(not stage.data, f"train.stages[{i}].data overrides data sources, but train.synthetic.enabled reads "
+                  f"none; remove it (stages vary generated batches with train.stages[{i}].synthetic)")
+    if cfg.data.sources:
+        validate_data(cfg.data)
+        for i, stage in enumerate(cfg.train.stages):
+            stage_data_config(cfg.data, stage.data, f"train.stages[{i}].data")
+
+
+def stage_data_config(data: DataConfig, overrides: dict | None, where: str = "stage data") -> DataConfig:
+    """`data` with a stage's overrides deep-merged in, strictly parsed and validated."""
+    if not overrides:
+        return data
+    merged = from_dict(DataConfig, deep_merge(to_dict(data), overrides), where)
+    validate_data(merged, where)
+    return merged
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), cls=Config):
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    if cls is Config and isinstance(data.get("data"), dict) and "sources" not in data["data"]:
+        data["data"] = {**data["data"], "sources": []}  # the root default: no sources
+    cfg = from_dict(cls, data)
+    validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "Config", "ConfigError", "load_config", "validate", "stage_data_config", "load_model_config", "from_dict",
+    "to_dict", "deep_merge", "parse_override", "apply_overrides", "read_yaml", "check",
+    "ModelConfig", "MllamaVisionConfig", "TextConfig", "ViTConfig", "ConnectorConfig", "TextEncoderConfig",
+    "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "StageConfig", "ScheduleConfig",
+    "OptimizerConfig", "LrGroup", "CheckpointConfig", "LogConfig", "SyntheticDataConfig", "DataConfig",
+    "SourceConfig", "ImageConfig", "ShapeConfig", "PackingConfig", "WorkerConfig", "validate_data",
+    "validate_model", "validate_train",
+]

@@ -1,0 +1,142 @@
+"""The `train:` section: steps, batch, trainable/frozen regexes, optimizer, schedule, checkpoints, stages."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_jax.config.loader import check
+from vlm_jax.errors import ConfigError
+
+NO_DECAY_DEFAULT = (r".*/bias", r".*norm[^/]*/scale", r"(.*/)?[a-z_]*gate(_attn|_ffn)?", r"(.*/)?[a-z_]*embedding")
+
+
+@dataclass(frozen=True)
+class LrGroup:
+    pattern: str = ""  # regex over parameter paths ("vision/.*"); the first matching group wins
+    learning_rate: float = 0.0  # peak learning rate for the group (same schedule shape as the stage)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "cosine"  # after linear warmup: "cosine" | "linear" decay to final_fraction, or "constant"
+    learning_rate: float = 1e-4  # peak learning rate of parameters in no lr_group
+    warmup_steps: int = 0
+    final_fraction: float = 0.1  # end of decay as a fraction of the peak
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW), scaled by the learning rate
+    no_decay: tuple[str, ...] = NO_DECAY_DEFAULT  # regexes (full match) exempt from weight decay
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+    lr_groups: tuple[LrGroup, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    max_to_keep: int = 3  # most recent committed steps kept
+    keep_every: int = 0  # additionally keep every K-th step forever; 0 = none
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """Generated batches of the family's input structure: benchmarks, plans, recipes whose data mixes do not
+    exist yet. Only with `train.synthetic.enabled: true` (a run-level switch; a stage's `synthetic:` only
+    changes the shapes); otherwise training reads data.sources and never generates data unasked."""
+    enabled: bool = False
+    seq_len: int = 32
+    num_images: int = 1
+    num_tiles: int = 1  # tiles per image: the "resolution" knob of a tiled encoder
+    delay_s: float = 0.0  # emulated input latency per batch (benchmarks; lets tests kill a run mid-flight)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One recipe stage; fields left unset inherit the `train:` values."""
+    name: str = ""
+    steps: int = 0
+    trainable: tuple[str, ...] | None = None
+    frozen: tuple[str, ...] | None = None
+    schedule: ScheduleConfig | None = None
+    lr_groups: tuple[LrGroup, ...] | None = None
+    reset_optimizer: bool = False  # fresh optimizer state (always the case when the trainable set changes)
+    synthetic: SyntheticDataConfig | None = None
+    data: dict[str, Any] | None = None  # `data:` keys this stage overrides (deep-merged; see stage_data_config)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # single-stage runs: total steps (> 0). Recipes: stop at this global step (0 = all stages)
+    batch_size: int = 8  # global batch
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many sequential microbatches
+    trainable: tuple[str, ...] = (".*",)  # regexes (full match) over parameter paths
+    frozen: tuple[str, ...] = ()  # regexes subtracted from `trainable`
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss_chunk: int = 256  # sequence positions per cross-entropy chunk (bounds the logits held at once)
+    z_loss: float = 0.0  # weight of mean(logsumexp^2)
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (each skipped) before stopping
+    eval_every: int = 0  # 0 disables
+    eval_batches: int = 2
+    # Pipeline runs: also greedy-answer this many records of each data.eval_sources entry at every eval and log
+    # exact-match accuracy as eval_accuracy/<name>/<split> (0 = loss only). Needs a cross-attention model.
+    eval_examples: int = 0
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = look up by device kind (CPU: a nominal number)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    stages: tuple[StageConfig, ...] = ()
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _check_regexes(patterns, where: str):
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"{where}: '{p}' is not a valid regex ({e})") from None
+
+
+def _validate_schedule(s: ScheduleConfig, where: str):
+    check(s.kind in _SCHEDULES, f"{where}.kind: '{s.kind}' is not one of {_SCHEDULES}")
+    check(s.learning_rate >= 0, f"{where}.learning_rate must be >= 0, got {s.learning_rate}")
+    check(s.warmup_steps >= 0, f"{where}.warmup_steps must be >= 0, got {s.warmup_steps}")
+    check(0 <= s.final_fraction <= 1, f"{where}.final_fraction must be in [0, 1], got {s.final_fraction}")
+
+
+def validate_train(t: TrainConfig):
+    check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")  # > 0 without stages: checked by `train`
+    check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    check(t.microbatches > 0 and t.batch_size % t.microbatches == 0,
+           f"train.microbatches ({t.microbatches}) must divide train.batch_size ({t.batch_size})")
+    check(t.loss_chunk > 0, f"train.loss_chunk must be positive, got {t.loss_chunk}")
+    check(t.eval_examples >= 0, f"train.eval_examples must be >= 0, got {t.eval_examples}")
+    check(t.max_nonfinite_steps > 0, f"train.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
+    check(t.checkpoint.every_steps > 0, f"train.checkpoint.every_steps must be positive, got {t.checkpoint.every_steps}")
+    check(t.checkpoint.max_to_keep > 0, f"train.checkpoint.max_to_keep must be positive, got {t.checkpoint.max_to_keep}")
+    check(t.log.every_steps > 0, f"train.log.every_steps must be positive, got {t.log.every_steps}")
+    check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
+    _validate_schedule(t.schedule, "train.schedule")
+    _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
+    _check_regexes([g.pattern for g in t.optimizer.lr_groups], "train.optimizer.lr_groups")
+    for i, st in enumerate(t.stages):
+        where = f"train.stages[{i}]"
+        check(st.steps > 0, f"{where}.steps must be positive, got {st.steps}")
+        if st.schedule is not None:
+            _validate_schedule(st.schedule, f"{where}.schedule")
+        _check_regexes((st.trainable or ()) + (st.frozen or ()), where)
+        _check_regexes([g.pattern for g in st.lr_groups or ()], f"{where}.lr_groups")

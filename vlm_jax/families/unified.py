@@ -1,0 +1,73 @@
+"""LLaVA and Idefics3 (and POINTS-style dual towers): CLIP/SigLIP features -> a connector -> tokens in the
+Llama decoder's sequence, one block of `tokens_per_image` per image slot."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from vlm_jax.config import ModelConfig, check
+from vlm_jax.config.model import ACTIVATIONS, validate_text, validate_vit
+from vlm_jax.data.spec import TOWER_NORMALIZATION, InputSpec
+from vlm_jax.families.base import Family, register_family
+from vlm_jax.models.flops import text_flops, vit_flops
+from vlm_jax.models.unified import UnifiedVLM, feature_tokens, tokens_per_image
+from vlm_jax.registry import CONNECTORS
+
+
+class Unified(Family):
+    sections = ("vit", "ocr_vit", "connector", "text")
+    model_inputs = ("input_ids", "pixel_values", "image_mask", "segment_ids", "positions")
+    towers = ("vision", "ocr_vision")
+
+    def validate(self, m: ModelConfig):
+        c = m.connector
+        check(m.vit is not None, f"model.vit must be set for family '{self.name}'")
+        validate_vit(m.vit, "model.vit")
+        validate_text(m)
+        check(not m.text.cross_attention_layers,
+              f"model.text.cross_attention_layers must be [] for family '{self.name}' (image tokens are embedded)")
+        connector = CONNECTORS.get(c.kind, "model.connector.kind")
+        check(c.feature_strategy in ("default", "full"),
+              f"model.connector.feature_strategy: '{c.feature_strategy}' is not 'default' or 'full'")
+        check(c.hidden_act in ACTIVATIONS, f"model.connector.hidden_act: '{c.hidden_act}' is not one of {ACTIVATIONS}")
+        for i in c.feature_layers:
+            check(-m.vit.num_layers - 1 <= i <= m.vit.num_layers,
+                  f"model.connector.feature_layers: {i} is out of range for {m.vit.num_layers} layers")
+        connector.validate(m)
+
+    def build(self, m: ModelConfig, decode: bool = False):
+        return UnifiedVLM(m, decode=decode)
+
+    def example_inputs(self, m: ModelConfig, batch: int = 1, seq_len: int = 8, num_images: int = 1) -> dict:
+        v = m.vit
+        return dict(input_ids=jnp.zeros((batch, seq_len), jnp.int32), pixel_values=jnp.zeros(
+            (batch, num_images, v.num_channels, v.image_size, v.image_size), jnp.float32))
+
+    def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
+        """Every image slot is encoded; the image tokens are part of the decoder's seq_len."""
+        out = {"vision": vit_flops(m.vit, num_images)}
+        if m.ocr_vit is not None:
+            out["ocr_vision"] = vit_flops(m.ocr_vit, num_images)
+        out["connector"] = float(num_images * CONNECTORS.get(m.connector.kind).forward_flops(m, feature_tokens(m)))
+        out["text"] = text_flops(m.text, seq_len)
+        return out
+
+    def input_spec(self, m: ModelConfig) -> InputSpec:
+        """Each image slot is one model.vit.image_size square, expanded to as many <image> tokens as the connector
+        returns features (the model's own count, `tokens_per_image`)."""
+        mean, std = TOWER_NORMALIZATION[m.vit.kind]
+        return InputSpec("unified", m.vit.image_size, image_mean=mean, image_std=std,
+                         tokens_per_image=tokens_per_image(m), image_token_id=m.image_token_index)
+
+
+@register_family
+class Llava(Unified):
+    name = "llava"
+    hf_conversion = "vlm_jax.convert.llava"
+    hf_model_types = ("llava",)
+
+
+@register_family
+class Idefics3(Unified):
+    name = "idefics3"
+    hf_conversion = "vlm_jax.convert.idefics3"
+    hf_model_types = ("idefics3",)

@@ -1,0 +1,20 @@
+"""Training data behind one protocol (base.TrainData): the Grain pipeline, contrastive caption pairs and
+generated (synthetic) batches, registered by kind."""
+from __future__ import annotations
+
+from vlm_jax.registry import TRAIN_DATA
+from vlm_jax.train.data.base import SeededStream, StagedSourcesData, TrainData
+from vlm_jax.train.data import contrastive, pipeline, synthetic  # noqa: F401  (they register the built-in kinds)
+
+
+SYNTHETIC = "synthetic"
+
+
+def open_train_data(cfg, stages, family, echo=print) -> TrainData:
+    """Generated batches when train.synthetic.enabled, else the family's reader of data.sources
+    (`Family.train_data`)."""
+    kind = SYNTHETIC if cfg.train.synthetic.enabled else family.train_data
+    return TRAIN_DATA.get(kind, f"model.family '{family.name}' train_data")(cfg, stages, family, echo)
+
+
+__all__ = ["TrainData", "StagedSourcesData", "SeededStream", "open_train_data"]

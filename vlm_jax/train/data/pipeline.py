@@ -1,0 +1,109 @@
+"""The Grain pipeline as training data (data.sources of a generative family): the tokenizer, each stage's
+data config, iterators, example batches and the `data_iter` checkpoint item.
+
+The saved item is {"kind": "grain", "process_states": [state of process 0, 1, ...]} (gathered from all
+processes at each save), so a checkpoint resumes on any process count: the same count picks its own state,
+another count re-shards all of them with `reshard_states` (deterministic: every process computes the same).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vlm_jax.data import build_pipeline, collate, load_tokenizer, reshard_states, task_texts, train_sentencepiece
+from vlm_jax.data.tokenizer import TOKENIZER_FILE
+from vlm_jax.errors import ConfigError
+from vlm_jax.registry import TRAIN_DATA
+from vlm_jax.train.data.base import StagedSourcesData
+
+
+@TRAIN_DATA.register("pipeline")
+class PipelineData(StagedSourcesData):
+    def __init__(self, cfg, stages, family, echo=print):
+        super().__init__(cfg, stages, family, echo)
+        self.spec = family.input_spec(cfg.model)
+        self.tokenizer, where = self._tokenizer()
+        model = cfg.model
+        if self.tokenizer.image_id != model.image_token_index:
+            raise ConfigError(f"model.image_token_index ({model.image_token_index}) must equal the <|image|> id "
+                              f"({self.tokenizer.image_id}) of the tokenizer {where}; set "
+                              f"model.image_token_index={self.tokenizer.image_id}")
+        if self.tokenizer.vocab_size > model.text.vocab_size:
+            raise ConfigError(f"the tokenizer {where} has {self.tokenizer.vocab_size} tokens, more than "
+                              f"model.text.vocab_size ({model.text.vocab_size}); use a smaller tokenizer or model")
+        if cfg.train.eval_examples and family.generation_inputs is None:
+            raise ConfigError(f"train.eval_examples (greedy-answer accuracy) needs a family that generates; "
+                              f"'{family.name}' does not: set train.eval_examples=0")
+        micro = cfg.train.microbatches
+        for index, data in self.configs.items():
+            rows = self.global_batch(index)
+            if rows % micro:
+                raise ConfigError(f"train.microbatches ({micro}) must divide the global batch {rows} "
+                                  f"(data.shapes.batch_size {data.shapes.batch_size} x {self.process_count} processes)")
+
+    def _tokenizer(self):
+        if self.cfg.data.tokenizer:
+            try:
+                return load_tokenizer(self.cfg.data.tokenizer), f"data.tokenizer={self.cfg.data.tokenizer}"
+            except ValueError as e:
+                raise ConfigError(f"data.tokenizer: {e}") from None
+        kinds = {s.kind for d in self.configs.values() for s in d.sources + d.eval_sources}
+        if kinds != {"embedded"}:
+            raise ConfigError("data.tokenizer is empty; set it to a sentencepiece .model or an HF tokenizer.json "
+                              "(one is trained automatically only when every source is an embedded task)")
+        path = os.path.join(os.path.abspath(self.cfg.workdir), TOKENIZER_FILE)
+        if os.path.isfile(path):
+            return load_tokenizer(path), path
+        # Deterministic (one training thread), so every process trains the same one; process 0 keeps it.
+        tokenizer = train_sentencepiece(task_texts(), vocab_size=self.cfg.model.text.vocab_size)
+        if self.process_index == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tokenizer.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            self.echo(f"trained a {tokenizer.vocab_size}-token sentencepiece tokenizer on the embedded tasks: {path}")
+        return tokenizer, path
+
+    def example_batch(self, stage: int) -> dict[str, np.ndarray]:
+        shapes = self.configs[stage].shapes
+        return collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.tokenizer.pad_id)
+
+    def iterator(self, stage: int, saved: dict):
+        state = self.continued_state(stage, saved)
+        return build_pipeline(self.configs[stage], self.tokenizer, self.spec, self.process_index,
+                              self.process_count, train=True, state=None if state is None else self.own_state(state))
+
+    def own_state(self, saved: dict) -> dict:
+        if saved.get("kind") != "grain":
+            raise ConfigError(f"the checkpoint's data iterator is '{saved.get('kind')}', not the Grain pipeline "
+                              "(data.sources changed since it was written); use a new workdir")
+        states = saved["process_states"]
+        if len(states) == self.process_count and all(s["process_count"] == self.process_count for s in states):
+            return states[self.process_index]
+        self.echo(f"re-sharding the data iterator from {len(states)} to {self.process_count} processes")
+        return reshard_states(states, self.process_count)[self.process_index]
+
+    def state(self, iterator) -> dict:
+        own = iterator.get_state()
+        if self.process_count == 1:
+            return {"kind": "grain", "process_states": [own]}
+        raw = np.frombuffer(json.dumps(own).encode(), np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[:raw.size] = raw
+        gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.process_count, -1)
+        return {"kind": "grain", "process_states": [json.loads(bytes(gathered[p, :sizes[p]]).decode())
+                                                    for p in range(self.process_count)]}
+
+    def eval_batches(self, stage: int, limit: int):
+        iterator = build_pipeline(self.configs[stage], self.tokenizer, self.spec, self.process_index,
+                                  self.process_count, train=False)
+        try:
+            for i, batch in enumerate(iterator):
+                if limit and i >= limit:
+                    break
+                yield batch
+        finally:
+            iterator.close()
