@@ -66,7 +66,7 @@ def test_plan_compiles_the_train_step_for_a_tpu_slice(capsys):
 def test_plan_says_what_to_change_when_it_does_not_fit(capsys):
     config = os.path.join(REPO, "configs/models/mllama_100m.yaml")
     argv = ["plan", "--config", config, "--topology", "v5e-4", "mesh.fsdp=-1", "train.steps=1",
-            "train.batch_size=256", "train.synthetic.seq_len=4096", "train.synthetic.num_tiles=4"]
+            "train.batch_size=256", "train.synthetic.enabled=true", "train.synthetic.seq_len=4096", "train.synthetic.num_tiles=4"]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out

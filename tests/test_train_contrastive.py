@@ -50,8 +50,8 @@ def test_training_reaches_recall_far_above_chance(tmp_path):
                       "train.log.every_steps=50",
                       "train.checkpoint.async_save=false", "train.checkpoint.every_steps=200")
     trainer = Trainer(cfg, devices=jax.devices()[:1], echo=lambda *_: None)
-    untrained = trainer.data.eval_metrics(trainer.model, trainer.fresh_state().params, 0, trainer.place,
-                                          trainer.mesh, trainer.rules)
+    untrained = trainer.data.eval_metrics(trainer.model, trainer.fresh_state().params, 0, trainer.mesh,
+                                          trainer.rules)
     result = trainer.run()
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     final = records[-1]
@@ -79,7 +79,7 @@ def test_loss_is_the_same_on_one_and_eight_devices_and_resume_is_exact(tmp_path)
 
     # Control: the mean of per-device (2-row) losses on the first batch is a different number.
     data = eight_trainer.data
-    batch = next(data.open(0, {}))
+    batch = next(data.iterator(0, {}))
     params = eight_trainer.fresh_state().params
     out = jax.jit(lambda p, b: eight_trainer.model.apply({"params": p}, **b))(
         jax.device_get(params), {k: np.asarray(v) for k, v in batch.items()})

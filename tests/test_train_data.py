@@ -64,13 +64,17 @@ def test_image_token_mismatch_is_one_line_config_error(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "image_token_index" in err and "Traceback" not in err
 
 
-def test_stage_data_overrides_and_default_is_synthetic(tmp_path):
-    assert load_config(TINY).data.sources == ()  # no `data:` section: synthetic batches, as before
+def test_stage_data_overrides_are_typed_and_no_data_is_refused(tmp_path):
+    assert load_config(TINY).data.sources == ()  # no `data:` section: no sources, and nothing generated unasked
     assert load_config(TINY, ["data.shapes.seq_len=16"]).data.sources == ()
+    with pytest.raises(ConfigError, match=r"data.sources is empty; .* or set train.synthetic.enabled=true"):
+        Trainer(load_config(TINY, [f"workdir={tmp_path}", "train.steps=1"]), echo=lambda _: None)
     cfg = tiny_config(tmp_path, *DATA)
     merged = stage_data_config(cfg.data, {"shapes": {"seq_len": 16}, "image": {"max_tiles": 4}})
     assert merged.shapes.seq_len == 16 and merged.shapes.batch_size == 8 and merged.sources == cfg.data.sources
-    assert stage_data_config(cfg.data, "a mix name") is cfg.data
+    assert stage_data_config(cfg.data, None) is cfg.data
+    with pytest.raises(ConfigError, match=r"train.stages\[0\].data: expected a mapping, got 'a mix name'"):
+        tiny_config(tmp_path, *DATA, "train.stages=[{name: a, steps: 2, data: a mix name}]")
     with pytest.raises(ConfigError, match=r"train.stages\[0\].data.shapes.seq_lenn"):
         tiny_config(tmp_path, *DATA, "train.stages=[{name: a, steps: 2, data: {shapes: {seq_lenn: 16}}}]")
     with pytest.raises(ConfigError, match="microbatches"):

@@ -14,7 +14,7 @@ from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import Trainer, train
 from train_helpers import ROOT, SMALL_RUN, TINY, final_params, tiny_config
 
-RUN = ["train.steps=30", "train.log.every_steps=1", "train.checkpoint.every_steps=5"]
+RUN = ["train.synthetic.enabled=true", "train.steps=30", "train.log.every_steps=1", "train.checkpoint.every_steps=5"]
 
 
 @pytest.fixture(scope="module")
