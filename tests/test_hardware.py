@@ -25,10 +25,20 @@ def test_device_kinds_resolve(kind, peak):
     assert hardware.peak_bf16_flops(kind) == peak
 
 
-def test_cpu_peak_is_nominal_unless_configured():
+def test_cpu_peak_is_measured_unless_configured():
     assert jax.devices()[0].platform == "cpu"
-    assert hardware.peak_flops_per_device() == (hardware.NOMINAL_FLOPS, True)
-    assert hardware.peak_flops_per_device(1e12) == (1e12, False)
+    peak = hardware.peak_flops_per_device()
+    assert peak.source == "this CPU's measured fp32 matmul peak" and 1e8 < peak.flops < 1e14
+    assert peak.flops == hardware.peak_flops_per_device().flops  # measured once per process
+    assert hardware.peak_flops_per_device(1e12) == (1e12, "train.peak_flops_per_device")
+
+
+def test_an_accelerator_missing_from_the_table_gets_no_peak(monkeypatch):
+    class Device:
+        platform, device_kind = "gpu", "NVIDIA GeForce RTX 4090"
+    monkeypatch.setattr(hardware.jax, "devices", lambda: [Device()])
+    peak = hardware.peak_flops_per_device()
+    assert peak.flops is None and "no MFU is reported" in peak.source
 
 
 def test_distributed_and_topology_raise_the_same_topology_error():

@@ -1,4 +1,5 @@
 """Launch at scale: the TPU launcher's dry run, shellcheck, slice names, and `vlm-jax plan` on a TPU topology."""
+import json
 import os
 import shutil
 import subprocess
@@ -71,3 +72,17 @@ def test_plan_says_what_to_change_when_it_does_not_fit(capsys):
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out
     assert "do not fit on v5e-4; try model.remat_policy=full" in captured.err
+
+
+def test_plan_json_and_its_argument_errors(tmp_path, capsys):
+    config = os.path.join(REPO, "configs/recipes/tiny_llama3v.yaml")
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--config", config, "--topology", "v5p-8", "--stage", "sft", "--json", str(out)]) == 0
+    stages = json.loads(out.read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["sft"] and stages[0]["fits"] and stages[0]["model_flops"] > 0
+    capsys.readouterr()
+    for argv, needle in ((["--stage", "finetune"], "--stage finetune: no such stage; the config's stages are "
+                          "pretrain, anneal, sft"), (["--mfu", "0"], "--mfu 0.0: the assumed MFU must be in (0, 1]")):
+        assert cli.main(["plan", "--config", config, "--topology", "v5p-8", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err

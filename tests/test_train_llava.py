@@ -122,16 +122,21 @@ def test_connector_count_disagreeing_with_its_output_fails_at_trace(monkeypatch)
         jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
 
 
-def test_model_inputs_per_family_and_synthetic_is_mllama_only():
+def test_model_inputs_per_family_and_synthetic_batches():
     batch = {k: np.zeros(1) for k in ("input_ids", "pixel_values", "image_mask", "aspect_ratio_ids",
                                       "cross_attention_mask", "segment_ids", "positions", "loss_mask")}
     assert sorted(model_inputs(batch, _model("tiny_llava"))) == [
         "image_mask", "input_ids", "pixel_values", "positions", "segment_ids"]
     mllama = load_config(os.path.join(MODELS, "tiny_mllama.yaml")).model
     assert "image_mask" not in model_inputs(batch, mllama) and "cross_attention_mask" in model_inputs(batch, mllama)
-    with pytest.raises(ConfigError, match="model.family 'llava'.*set data.sources"):
-        get_family(_model("tiny_llava")).synthetic_batch(_model("tiny_llava"), load_config().train.synthetic, 2,
-                                                         np.random.default_rng(0))
+    llava = _model("tiny_llava")
+    shapes = dataclasses.replace(load_config().train.synthetic, seq_len=72, num_images=2)
+    batch = get_family(llava).synthetic_batch(llava, shapes, 3, np.random.default_rng(0))
+    np.testing.assert_array_equal((batch["input_ids"] == llava.image_token_index).sum(axis=1), 2 * 16)
+    assert batch["pixel_values"].shape == (3, 2, 3, 28, 28) and batch["image_mask"].all()
+    assert not batch["loss_mask"][batch["input_ids"] == llava.image_token_index].any()
+    with pytest.raises(ConfigError, match=r"train.synthetic.seq_len \(64\) must be at least twice"):
+        get_family(llava).synthetic_batch(llava, dataclasses.replace(shapes, seq_len=64), 3, np.random.default_rng(0))
 
 
 def test_unified_flops_count_tower_connector_and_decoder():

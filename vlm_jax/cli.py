@@ -112,6 +112,10 @@ def cmd_plan(args):
     from vlm_jax.plan import advice, plan
     cfg = load_config(args.config, args.overrides)
     reports = plan(cfg, args.topology, args.mfu, tuple(args.stage or ()))
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"topology": args.topology, "stages": [r.as_dict() for r in reports]}, f, indent=2)
     misfits = [r.stage for r in reports if not r.fits]
     if misfits:
         raise_user(f"stage(s) {', '.join(misfits)} do not fit on {args.topology}; try {advice(cfg)}")
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--topology", required=True, help="a slice name: v5p-64, v5e-256, v6e-64, v4-128, ...")
     pln.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for step time")
     pln.add_argument("--stage", nargs="*", help="plan only these recipe stages (default: every stage)")
+    pln.add_argument("--json", default="", help="also write every stage's figures to this JSON file")
     pln.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     pln.set_defaults(func=cmd_plan)
     return p

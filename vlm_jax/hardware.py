@@ -1,10 +1,14 @@
 """What the accelerators are: peak FLOP/s by the `device_kind` JAX reports, and Cloud TPU chip specs."""
 from __future__ import annotations
 
+import functools
 import re
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
 
@@ -26,8 +30,7 @@ PEAK_BF16_FLOPS = {
 }
 # Spellings some runtimes report instead (JAX's own Pallas chip table accepts both).
 KIND_ALIASES = {"TPU v5e": "TPU v5 lite", "TPU v5p": "TPU v5", "TPU v6e": "TPU v6 lite"}
-# CPU has no peak: MFU there is a relative figure only.
-NOMINAL_FLOPS = 1e11
+MATMUL_SIDE = 1024  # the CPU peak: best of a few fp32 (n x n) @ (n x n) products, large enough to be compute-bound
 
 
 class TopologyError(UserError):
@@ -61,10 +64,35 @@ def peak_bf16_flops(device_kind: str) -> float | None:
     return PEAK_BF16_FLOPS.get(gpu.group(0) if gpu else KIND_ALIASES.get(device_kind, device_kind))
 
 
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, bool]:
-    """(peak FLOP/s, nominal?) for the first device; `configured` > 0 wins. CPU and, for now, a chip missing
-    from the table get NOMINAL_FLOPS."""
+class Peak(NamedTuple):
+    flops: float | None  # per device; None = unknown, so no MFU is reported
+    source: str  # what the figure is, for the log line
+
+
+@functools.cache
+def measured_matmul_peak(side: int = MATMUL_SIDE, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` fp32 square matmuls on the first device (CPU has no vendor peak)."""
+    a = jnp.ones((side, side), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * side ** 3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> Peak:
+    """The denominator of MFU: `configured` > 0 wins; an accelerator's dense bf16 figure from the table; on CPU
+    a matmul peak measured once per process; None for an accelerator the table lacks (never a made-up figure)."""
     if configured > 0:
-        return configured, False
-    peak = peak_bf16_flops(jax.devices()[0].device_kind)
-    return (NOMINAL_FLOPS, True) if peak is None else (peak, False)
+        return Peak(configured, "train.peak_flops_per_device")
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return Peak(measured_matmul_peak(), "this CPU's measured fp32 matmul peak")
+    peak = peak_bf16_flops(device.device_kind)
+    if peak is None:
+        return Peak(None, f"no peak FLOP/s known for device kind '{device.device_kind}': no MFU is reported; set "
+                          "train.peak_flops_per_device to get one")
+    return Peak(peak, f"{device.device_kind} dense bf16 peak")

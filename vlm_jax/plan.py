@@ -6,6 +6,7 @@ the slice. Nothing runs: XLA's compiled memory and cost analyses are the figures
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import jax
 
 from vlm_jax import sharding, topology
 from vlm_jax.config import Config
+from vlm_jax.errors import ConfigError
 from vlm_jax.families import abstract_params, get_family
 from vlm_jax.train import flops
 from vlm_jax.train.data import TrainData, open_train_data
@@ -52,6 +54,12 @@ class StageReport:
 
     def step_seconds(self, mfu: float) -> float:
         return self.model_flops / (self.peak_flops * mfu)
+
+    def as_dict(self) -> dict:
+        """Every field and derived figure, for `plan --json`."""
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "fits": self.fits,
+                "step_seconds_at_peak": self.step_seconds(1.0),
+                "step_seconds_at_assumed_mfu": self.step_seconds(self.assumed_mfu)}
 
 
 def _abstract_batch(data: TrainData, stage: Stage, mesh, rules) -> dict:
@@ -138,7 +146,13 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
          echo=print) -> list[StageReport]:
     s = topology.parse_slice(slice_name)
     devices = topology.topology_devices(s)
+    if not 0 < assumed_mfu <= 1:
+        raise ConfigError(f"--mfu {assumed_mfu}: the assumed MFU must be in (0, 1], e.g. --mfu 0.4")
     all_stages = resolve_stages(cfg.train)
+    unknown = [name for name in stage_names if name not in {st.name for st in all_stages}]
+    if unknown:
+        raise ConfigError(f"--stage {unknown[0]}: no such stage; the config's stages are "
+                          f"{', '.join(st.name for st in all_stages)}")
     data = open_train_data(cfg, all_stages, get_family(cfg.model), echo)
     stages = [st for st in all_stages if not stage_names or st.name in stage_names]
     echo(f"plan for {s.name}: {s.topology}, {s.num_chips} chips, {len(devices)} devices, "

@@ -93,7 +93,7 @@ class TrainConfig:
     # Pipeline runs: also greedy-answer this many records of each data.eval_sources entry at every eval and log
     # exact-match accuracy as eval_accuracy/<name>/<split> (0 = loss only). Needs a cross-attention model.
     eval_examples: int = 0
-    peak_flops_per_device: float = 0.0  # for MFU; 0 = look up by device kind (CPU: a nominal number)
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = the device kind's in vlm_jax/hardware.py (CPU: measured)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()

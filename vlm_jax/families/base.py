@@ -74,6 +74,7 @@ def synthetic_text(m: ModelConfig, data: SyntheticDataConfig, batch_size: int, r
     start = rng.integers(0, span, size=(b, 1))
     stride = rng.integers(1, 4, size=(b, 1))
     ids = FIRST_WORD_ID + (start + stride * np.arange(s)) % span
+    ids[ids == m.image_token_index] = FIRST_WORD_ID  # an image token inside the vocabulary is not text
     ids[:, 0] = t.bos_token_id
     if image_slot is not None:
         ids[:, image_slot] = m.image_token_index

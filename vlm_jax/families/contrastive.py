@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
-from vlm_jax.config import ModelConfig, check
+from vlm_jax.config import ModelConfig, SyntheticDataConfig, check
 from vlm_jax.config.model import validate_text_encoder, validate_vit
 from vlm_jax.families.base import Family, register_family
 from vlm_jax.models.contrastive import ContrastiveDualEncoder
@@ -35,6 +36,23 @@ class DualEncoder(Family):
     def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
         """One (image, caption) pair: both towers; the projections and the B x B similarity are negligible."""
         return {"vision": vit_flops(m.vit, 1), "text": text_encoder_flops(m.text_encoder, seq_len)}
+
+    def synthetic_batch(self, m: ModelConfig, data: SyntheticDataConfig, batch_size: int,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random (image, caption) pairs: captions of random words ending in eos, padded after it."""
+        e, v, s = m.text_encoder, m.vit, data.seq_len
+        check(2 <= s <= e.max_position_embeddings, f"train.synthetic.seq_len ({s}) must be in [2, "
+              f"model.text_encoder.max_position_embeddings={e.max_position_embeddings}]")
+        specials = [e.bos_token_id, e.eos_token_id, e.pad_token_id]
+        words = np.setdiff1d(np.arange(e.vocab_size), specials)
+        ids = words[rng.integers(0, len(words), size=(batch_size, s))]
+        lengths = rng.integers(2, s + 1, size=batch_size)
+        positions = np.arange(s)[None, :]
+        ids[positions == (lengths - 1)[:, None]] = e.eos_token_id
+        ids[positions >= lengths[:, None]] = e.pad_token_id
+        pixels = rng.standard_normal((batch_size, v.num_channels, v.image_size, v.image_size), dtype=np.float32)
+        return dict(input_ids=ids.astype(np.int32), pixel_values=pixels,
+                    attention_mask=(positions < lengths[:, None]).astype(np.int32))
 
 
 @register_family

@@ -3,11 +3,12 @@ Llama decoder's sequence, one block of `tokens_per_image` per image slot."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
-from vlm_jax.config import ModelConfig, check
+from vlm_jax.config import ModelConfig, SyntheticDataConfig, check
 from vlm_jax.config.model import ACTIVATIONS, validate_text, validate_vit
 from vlm_jax.data.spec import TOWER_NORMALIZATION, InputSpec
-from vlm_jax.families.base import Family, register_family
+from vlm_jax.families.base import Family, register_family, synthetic_text
 from vlm_jax.models.flops import text_flops, vit_flops
 from vlm_jax.models.unified import UnifiedVLM, feature_tokens, tokens_per_image
 from vlm_jax.registry import CONNECTORS
@@ -57,6 +58,20 @@ class Unified(Family):
         mean, std = TOWER_NORMALIZATION[m.vit.kind]
         return InputSpec("unified", m.vit.image_size, image_mean=mean, image_std=std,
                          tokens_per_image=tokens_per_image(m), image_token_id=m.image_token_index)
+
+    def synthetic_batch(self, m: ModelConfig, data: SyntheticDataConfig, batch_size: int,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`data.num_images` random images per row, their image tokens right after BOS, then text."""
+        image_tokens = data.num_images * tokens_per_image(m)
+        check(data.seq_len >= 2 * (1 + image_tokens),
+              f"train.synthetic.seq_len ({data.seq_len}) must be at least twice BOS + the {image_tokens} image "
+              f"tokens of train.synthetic.num_images={data.num_images} (the second half of a row is supervised)")
+        text = synthetic_text(m, data, batch_size, rng)
+        text["input_ids"][:, 1:1 + image_tokens] = m.image_token_index
+        v = m.vit
+        shape = (batch_size, data.num_images, v.num_channels, v.image_size, v.image_size)
+        return dict(input_ids=text["input_ids"], pixel_values=rng.standard_normal(shape, dtype=np.float32),
+                    image_mask=np.ones((batch_size, data.num_images), np.int32), loss_mask=text["loss_mask"])
 
 
 @register_family

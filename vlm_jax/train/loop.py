@@ -186,7 +186,8 @@ class Trainer:
 
     def _loop(self, mgr, logger, state, owner, data_iter, stop) -> RunResult:
         train, n_devices = self.cfg.train, self.mesh.devices.size
-        peak, _ = hardware.peak_flops_per_device(train.peak_flops_per_device)
+        peak = hardware.peak_flops_per_device(train.peak_flops_per_device)
+        self.echo(f"MFU against {peak.source}" + (f": {peak.flops / 1e12:.3g} TFLOP/s per device" if peak.flops else ""))
         result = RunResult(state)
         step = int(state.step)
         while step < self.end:
@@ -238,7 +239,7 @@ class Trainer:
                     step=step, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
                     lr=float(metrics["lr"]), tokens_per_s=tokens / step_time, step_time_s=step_time,
                     tflops_per_device=step_flops / step_time / n_devices / 1e12,
-                    mfu=step_flops / step_time / (peak * n_devices),
+                    **({"mfu": step_flops / step_time / (peak.flops * n_devices)} if peak.flops else {}),
                     supervised_fraction=float(metrics["supervised_tokens"]) / tokens,
                     z_loss=float(metrics["z_loss"]), nonfinite_total=int(state.nonfinite_total),
                     stage=stage.name)

@@ -11,10 +11,6 @@ import os
 
 from tensorboardX import SummaryWriter
 
-FIELDS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "tflops_per_device", "mfu",
-          "supervised_fraction")
-
-
 class MetricsLogger:
     def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True, echo=print, primary: bool = True,
                  total_steps: int = 0):
@@ -63,5 +59,6 @@ def progress_line(r: dict, total_steps: int = 0) -> str:
         bar = f"[{'#' * round(done * 20):<20}] {done:4.0%} {left // 60}m{left % 60:02d}s left  "
     evals = "".join(f"  {k.replace('eval_accuracy/', 'acc ')} {v:.3f}" for k, v in r.items() if k.startswith("eval_"))
     return (f"{bar}step {r['step']:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  "
-            f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1e3:.1f} ms/step  mfu {r['mfu']:.2%}"
+            f"{r['tokens_per_s']:,.0f} tok/s  {r['step_time_s'] * 1e3:.1f} ms/step"
+            + (f"  mfu {r['mfu']:.2%}" if "mfu" in r else "")
             + (f"  skipped {r['nonfinite_total']}" if r.get("nonfinite_total") else "") + evals)
