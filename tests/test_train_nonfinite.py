@@ -12,8 +12,8 @@ class PoisonedTrainer(Trainer):
     """Batches with these indices carry NaN pixels, so loss and gradients are NaN."""
     poisoned: frozenset = frozenset()
 
-    def source(self, stage, seed_offset=0):
-        src = super().source(stage, seed_offset)
+    def open_source(self, stage, data_iter):
+        src = super().open_source(stage, data_iter)
         clean = src.batch
 
         def batch(index):
