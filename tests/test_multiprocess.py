@@ -6,11 +6,14 @@ the real `vlm-jax train` loop with the Grain pipeline sharded per process and Or
   the same 16 records either way, only placed in other rows; the loss is per supervised token).
 * Their checkpoint restores in 1 process: the data iterator is re-sharded from 2 to 1 process and the
   continuation reproduces the uninterrupted 1-process run.
+* SIGTERM to one process stops both after the same step (an agreed decision), with one collective save, and the
+  run resumes bitwise.
 """
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from vlm_jax.config import load_config
 from vlm_jax.families import input_spec
 from vlm_jax.data import build_pipeline, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.train import checkpoint
-from train_helpers import ROOT, final_params
+from train_helpers import ROOT, SMALL_RUN, TINY, final_params
 
 CONFIG = os.path.join(ROOT, "configs", "examples", "digits_mllama.yaml")
 STEPS, CUT = 6, 4  # the 2-process run stops (and saves) at CUT; 1 process resumes it to STEPS
@@ -54,9 +57,9 @@ def _env(cache, devices):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def _spawn(env, workdir, *overrides):
+def _spawn(env, workdir, *overrides, config=CONFIG, run=RUN):
     """`vlm-jax train` in a subprocess; its output goes to <workdir>.<n>.log (a pipe could fill and block it)."""
-    cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, f"workdir={workdir}", *RUN, *overrides]
+    cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", config, f"workdir={workdir}", *run, *overrides]
     n = sum(1 for f in os.listdir(os.path.dirname(workdir)) if f.startswith(os.path.basename(workdir) + "."))
     log = open(f"{workdir}.{n}.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -84,6 +87,14 @@ def _finish(procs, timeout=TIMEOUT) -> list[str]:
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"command {i} of {len(procs)} exited {p.returncode}:\n{out[-4000:]}"
     return outs
+
+
+def _pair(cache, workdir, *overrides, devices=4, **kwargs) -> list:
+    """`vlm-jax train` as 2 processes x `devices` CPU devices on localhost."""
+    address = f"localhost:{_free_port()}"
+    return [_spawn(_env(cache, devices), workdir, "distributed.mode=explicit", f"distributed.coordinator_address={address}",
+                   "distributed.num_processes=2", f"distributed.process_id={p}",
+                   "distributed.initialization_timeout_s=120", *overrides, **kwargs) for p in range(2)]
 
 
 def _losses(workdir):
@@ -158,14 +169,10 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(cache, tmp
     # 2 processes x 4 devices on localhost, 4 rows each = the same global batch of 8, stopping at CUT. All three
     # at once: compiling dominates and the reference alone leaves a core idle.
     reference, workdir = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-    address = f"localhost:{_free_port()}"
     out, *outs = _finish([
         _spawn(_env(cache, 8), reference, "data.shapes.batch_size=8", f"train.steps={STEPS}",
                f"train.checkpoint.every_steps={CUT}"),
-        *[_spawn(_env(cache, 4), workdir, "data.shapes.batch_size=4", f"train.steps={CUT}",
-                 "distributed.mode=explicit", f"distributed.coordinator_address={address}",
-                 "distributed.num_processes=2", f"distributed.process_id={p}",
-                 "distributed.initialization_timeout_s=120") for p in range(2)]])
+        *_pair(cache, workdir, "data.shapes.batch_size=4", f"train.steps={CUT}")])
     assert "1 process(es) x 8 cpu device(s) = 8" in out
     want = _losses(reference)
     assert sorted(want) == list(range(1, STEPS + 1))
@@ -208,3 +215,39 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(cache, tmp
     ref_state, = _data_iter(reference, STEPS)["iter"]["process_states"]
     assert resumed_state["base"] + resumed_state["next"] == ref_state["next"]
     assert resumed_state["records"]["good"] == ref_state["records"]["good"]
+
+
+# The tiny Mllama on generated batches (every process generates the global batch and keeps its devices' rows), on
+# 2 processes x 1 device: the agreement does not depend on the device count, and fewer devices run faster here.
+SIGNAL_STEPS = 6
+SIGNAL_RUN = [*SMALL_RUN, "train.synthetic.enabled=true", f"train.steps={SIGNAL_STEPS}", "train.log.every_steps=1",
+              "train.checkpoint.every_steps=1000", "train.checkpoint.async_save=false", "mesh.data=1", "mesh.fsdp=-1"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(cache, tmp_path):
+    reference, workdir = str(tmp_path / "reference"), str(tmp_path / "signalled")
+    _finish(_pair(cache, reference, devices=1, config=TINY, run=SIGNAL_RUN))  # compiles once for the runs after it
+    # input latency so the signal lands mid-run
+    signalled = _pair(cache, workdir, "train.synthetic.delay_s=0.3", devices=1, config=TINY, run=SIGNAL_RUN)
+    metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+        assert time.time() < deadline and all(p.poll() is None for p in signalled), "the signalled run ended early"
+        time.sleep(0.05)
+    signalled[1].send_signal(signal.SIGTERM)  # process 1 only
+    outs = _finish(signalled)
+    committed = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(committed) == 1 and 2 <= committed[0] < SIGNAL_STEPS, committed
+    stopped = committed[0]
+    for out in outs:
+        assert f"stopped by SIGTERM (received by process 1) at step {stopped}; checkpoint saved" in out, out[-4000:]
+    assert sorted(_losses(workdir)) == list(range(1, stopped + 1))
+
+    outs = _finish(_pair(cache, workdir, devices=1, config=TINY, run=SIGNAL_RUN))
+    for out in outs:
+        assert f"resumed from {os.path.join(workdir, 'checkpoints')} step {stopped}" in out, out[-4000:]
+        assert f"finished at step {SIGNAL_STEPS}" in out
+    assert sorted(_losses(workdir)) == list(range(1, SIGNAL_STEPS + 1))
+    want, got = final_params(reference), final_params(workdir)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

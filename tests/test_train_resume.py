@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL and after SIGTERM (real subprocesses running `vlm-jax train`), and a kill during
+"""Exact resume after SIGKILL, SIGTERM and Ctrl-C (real subprocesses running `vlm-jax train`), and a kill during
 an async save leaves the previous checkpoint restorable."""
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 
 from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import Trainer, train
+from vlm_jax.train.preemption import StopSignal
 from train_helpers import ROOT, SMALL_RUN, TINY, final_params, tiny_config
 
 RUN = ["train.synthetic.enabled=true", "train.steps=30", "train.log.every_steps=1", "train.checkpoint.every_steps=5"]
@@ -25,9 +26,24 @@ def env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run's workdir."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train(tiny_config(workdir, *RUN), echo=lambda _: None)
+    return workdir
+
+
+def _assert_same_params(workdir, reference):
+    want, got = final_params(reference), final_params(workdir)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def _spawn(env, workdir, *overrides):
-    cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN, *RUN,
-           *overrides]
+    cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN,
+           "train.synthetic.enabled=true", *RUN, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -51,10 +67,7 @@ def _logged_steps(workdir):
         return [json.loads(line)["step"] for line in f]
 
 
-def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, tmp_path):
-    reference = str(tmp_path / "reference")
-    train(tiny_config(reference, *RUN), echo=lambda _: None)
-
+def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, reference, tmp_path):
     workdir = str(tmp_path / "interrupted")
     slow = "train.synthetic.delay_s=0.3"  # input latency so the signals land mid-run
     proc = _spawn(env, workdir, slow)
@@ -80,10 +93,33 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, tmp_path):
     assert f"step {stopped_at}" in out and "finished at step 30" in out
 
     assert _logged_steps(workdir) == list(range(1, 31))  # no gaps, no repeats
-    want, got = final_params(reference), final_params(workdir)
-    assert want.keys() == got.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    _assert_same_params(workdir, reference)
+
+
+def test_ctrl_c_saves_at_the_next_step_and_resume_is_bitwise_exact(env, reference, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    proc = _spawn(env, workdir, "train.synthetic.delay_s=0.3")
+    _wait_for(lambda: _committed(workdir), proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert "Ctrl-C: saving a checkpoint after this step" in out
+    stopped_at = max(_committed(workdir))
+    assert 5 <= stopped_at < 30 and f"stopped by SIGINT at step {stopped_at}; checkpoint saved" in out, out[-2000:]
+
+    out = _spawn(env, workdir).communicate(timeout=300)[0]
+    assert f"step {stopped_at}" in out and "finished at step 30" in out, out[-2000:]
+    assert _logged_steps(workdir) == list(range(1, 31))
+    _assert_same_params(workdir, reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    with StopSignal() as stop:
+        assert stop.agreed() == ""
+        signal.raise_signal(signal.SIGINT)
+        assert stop.agreed() == "SIGINT"  # the first one only asks for a save at the next step boundary
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
 
 
 def test_kill_during_async_save_leaves_restorable_checkpoint(env, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from vlm_jax.config import DistributedConfig
 from vlm_jax.hardware import TopologyError
@@ -38,3 +40,11 @@ def check_processes(cfg: DistributedConfig) -> str:
                             "coordinator address and that every worker runs the same command")
     return (f"{jax.process_count()} process(es) x {jax.local_device_count()} {jax.devices()[0].platform} "
             f"device(s) = {jax.device_count()}; this is process {jax.process_index()}")
+
+
+def gather_ints(value: int) -> np.ndarray:
+    """`value` from every process, in process order: the same array on all of them. One all-gather of an int32
+    per process (a tiny collective, see `benchmarks/stop_agreement.py`); none when there is one process."""
+    if jax.process_count() == 1:
+        return np.asarray([value], np.int32)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).reshape(-1)

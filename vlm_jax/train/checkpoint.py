@@ -11,6 +11,7 @@ import os
 
 import absl.logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vlm_jax.config import Config, from_dict, to_dict, validate
@@ -124,6 +125,28 @@ def restore_train(mgr, step: int, abstract_params, abstract_opt_state) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(abstract_params), OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
         TRAIN_STATE: ocp.args.JsonRestore(), DATA_ITER: ocp.args.JsonRestore()}))
+
+
+def leaf_paths(tree) -> dict:
+    """'/'-joined key path -> leaf, alike for abstract targets and Orbax metadata trees (whose containers differ)."""
+    def name(key):
+        return str(next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key))
+    return {"/".join(map(name, path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _describe(leaf) -> str:
+    return "absent" if leaf is None else f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+
+
+def first_mismatch(saved, target) -> tuple[str, str, str] | None:
+    """(path, saved, target) of the first leaf whose presence, shape or dtype differs; None when all agree.
+    `saved` is a step's array metadata (nothing is read), `target` the abstract tree a restore would fill."""
+    saved, target = leaf_paths(saved), leaf_paths(target)
+    for path in [*target, *(p for p in saved if p not in target)]:
+        there, here = _describe(saved.get(path)), _describe(target.get(path))
+        if there != here:
+            return path, there, here
+    return None
 
 
 def restore_item(mgr, step: int, name: str):

@@ -1,4 +1,4 @@
-"""The training loop: restore-or-init, stage transitions, logging, checkpoints, SIGTERM, NaN/Inf stop.
+"""The training loop: restore-or-init, stage transitions, logging, checkpoints, SIGTERM/Ctrl-C, NaN/Inf stop.
 
 Running again in the same workdir resumes from the newest committed checkpoint (params, optimizer state,
 step, rng and data-iterator state), on whatever mesh the current config and devices give.
@@ -6,7 +6,6 @@ step, rng and data-iterator state), on whatever mesh the current config and devi
 from __future__ import annotations
 
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.data import open_train_data
 from vlm_jax.train.metrics import MetricsLogger
+from vlm_jax.train.preemption import StopSignal
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
 from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings, init_opt_state, scalars
 from vlm_jax.train.step import batch_shardings, make_eval_step, make_train_step
@@ -40,23 +40,6 @@ class RunResult:
     state: TrainState
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss, every step of this run
     stopped_by_signal: bool = False
-
-
-class StopSignal:
-    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
 
 
 class Trainer:
@@ -97,19 +80,27 @@ class Trainer:
         return {k: jax.device_put(v, replicated) for k, v in values.items()}
 
     def restore(self, mgr) -> tuple[TrainState, int, dict] | None:
-        """(state, stage whose optimizer state it holds, data_iter) of the newest readable committed step."""
+        """(state, stage whose optimizer state it holds, data_iter) of the newest readable committed step; None
+        when nothing was committed. A damaged step falls back to the previous one with a warning; a step that
+        does not fit the current config, or no readable step at all, stops with one line (never a fresh start
+        over an existing run)."""
         for name in checkpoint.incomplete_steps(self.ckpt_dir):
             self.echo(f"warning: ignoring incomplete checkpoint {name} (an interrupted save)")
         steps = sorted(mgr.all_steps(), reverse=True)
         for i, step in enumerate(steps):
-            try:
+            try:  # metadata only: no array is read yet
                 owner = checkpoint.restore_item(mgr, step, checkpoint.TRAIN_STATE)["stage"]
-                plan = self.plan(self.stages[owner])
+                saved = mgr.item_metadata(step)
+                saved = {k: saved[k] for k in (checkpoint.PARAMS, checkpoint.OPT_STATE)}
+            except Exception as e:  # noqa: BLE001  (a damaged step must not stop the fallback)
+                self._unreadable(step, e, steps[i + 1:])
+                continue
+            plan = self._check_fits(step, owner, saved)
+            try:
                 abstract = abstract_with_shardings(self.abstract_params, plan.shardings.params)
                 items = checkpoint.restore_train(mgr, step, abstract, plan.abstract_opt_state(self.abstract_params))
-            except Exception as e:  # noqa: BLE001  (a damaged step must not stop the fallback)
-                later = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "starting fresh"
-                self.echo(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); {later}")
+            except Exception as e:  # noqa: BLE001
+                self._unreadable(step, e, steps[i + 1:])
                 continue
             meta = items[checkpoint.TRAIN_STATE]
             state = TrainState(params=items[checkpoint.PARAMS], opt_state=items[checkpoint.OPT_STATE],
@@ -117,6 +108,36 @@ class Trainer:
                                                              meta["nonfinite_streak"], meta["nonfinite_total"])))
             return state, owner, items[checkpoint.DATA_ITER]
         return None
+
+    def _unreadable(self, step: int, error: Exception, older: list[int]):
+        text = str(error).strip().splitlines()
+        reason = type(error).__name__ + (f": {text[0][:160]}" if text else "")
+        if not older:
+            raise checkpoint.CheckpointError(
+                f"checkpoint step {step} in {self.ckpt_dir} is unreadable ({reason}) and no earlier committed step "
+                "is left; repair or move that directory away (training will not start fresh over a run)")
+        self.echo(f"warning: checkpoint step {step} is unreadable ({reason}); falling back to step {older[0]}")
+
+    def _check_fits(self, step: int, owner: int, saved: dict) -> StagePlan:
+        """The owner stage's plan, when `saved` (the step's array metadata) has exactly the current config's
+        parameter and optimizer-state shapes and dtypes; else one line naming the first difference."""
+        where = f"checkpoint step {step} in {self.ckpt_dir}"
+        if owner >= len(self.stages):
+            raise checkpoint.CheckpointError(f"{where} was written in stage {owner} but the config has "
+                                             f"{len(self.stages)} stage(s); restore train.stages or use a new workdir")
+        plan = self.plan(self.stages[owner])
+        targets = {checkpoint.PARAMS: (self.abstract_params, "the model config (model.*) differs from the run's"),
+                   checkpoint.OPT_STATE: (plan.abstract_opt_state(self.abstract_params),
+                                          f"train.trainable/frozen or train.optimizer of stage '{plan.stage.name}' "
+                                          "differ from the run's (a new recipe stage may change them)")}
+        for item, (target, why) in targets.items():
+            diff = checkpoint.first_mismatch(saved[item], target)
+            if diff:
+                path, there, here = diff
+                raise checkpoint.CheckpointError(
+                    f"{where} does not fit the config: {item}/{path} is {there} there but {here} now; {why}; "
+                    "run with the settings that wrote it or use a new workdir")
+        return plan
 
     def enter_stage(self, state: TrainState, owner: int, stage: Stage) -> TrainState:
         """Carry the optimizer state into `stage`, or start a fresh one (requested, or the trainable set moved)."""
@@ -166,23 +187,23 @@ class Trainer:
         mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
                                        keep_every=train.checkpoint.keep_every,
                                        async_save=train.checkpoint.async_save)
-        restored = self.restore(mgr)
-        if restored is None:
-            state, owner, data_iter = self.fresh_state(), 0, {}
-        else:
-            state, owner, data_iter = restored
-            self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
-        logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo,
-                               primary=jax.process_index() == 0, total_steps=self.end)
-        result = RunResult(state)
         try:
-            with StopSignal() as stop:
-                result = self._loop(mgr, logger, state, owner, data_iter, stop)
+            with StopSignal() as stop:  # from here on a signal waits for a step boundary (and its save)
+                restored = self.restore(mgr)
+                if restored is None:
+                    state, owner, data_iter = self.fresh_state(), 0, {}
+                else:
+                    state, owner, data_iter = restored
+                    self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
+                logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo,
+                                       primary=jax.process_index() == 0, total_steps=self.end)
+                try:
+                    return self._loop(mgr, logger, state, owner, data_iter, stop)
+                finally:
+                    logger.close()
         finally:
             mgr.wait_until_finished()
             mgr.close()
-            logger.close()
-        return result
 
     def _loop(self, mgr, logger, state, owner, data_iter, stop) -> RunResult:
         train, n_devices = self.cfg.train, self.mesh.devices.size
@@ -207,7 +228,7 @@ class Trainer:
         return result
 
     def _stage(self, mgr, logger, state, owner, stage, plan, source, stop, result, peak, n_devices):
-        """Runs `stage` up to its end (or a SIGTERM); returns (state, step, the last saved data_iter item)."""
+        """Runs `stage` up to its end (or a stop signal); returns (state, step, the last saved data_iter item)."""
         train, step, data_iter = self.cfg.train, int(state.step), {}
         example, rows = self.data.example_batch(stage.index), self.data.global_batch(stage.index)
         seq_len, num_images = self.data.sample_shape(stage.index)
@@ -233,7 +254,8 @@ class Trainer:
                     f"or gradient (updates skipped); lower the learning rate or check the data, then resume "
                     f"from the last checkpoint")
             eval_due = train.eval_every and step % train.eval_every == 0
-            if step % train.log.every_steps == 0 or step == stage_end or eval_due or stop.requested:
+            stopping = stop.agreed()  # collective: every process stops after the same step, or none does
+            if step % train.log.every_steps == 0 or step == stage_end or eval_due or stopping:
                 step_time = float(np.mean(timed)) if timed else elapsed
                 record = dict(
                     step=step, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
@@ -248,13 +270,13 @@ class Trainer:
                     record.update(self.task_metrics(state.params, stage))
                 logger.write(record)
                 timed = []
-            if step % train.checkpoint.every_steps == 0 or step == stage_end or stop.requested:
+            if step % train.checkpoint.every_steps == 0 or step == stage_end or stopping:
                 data_iter = {"stage": stage.index, "iter": self.iter_state(source)}
                 self.save(mgr, state, owner, data_iter)
             last = time.perf_counter()  # logging and saving are not step time
-            if stop.requested:
+            if stopping:
                 mgr.wait_until_finished()
-                self.echo(f"stopped by SIGTERM at step {step}; checkpoint saved, run again to resume")
+                self.echo(f"stopped by {stopping} at step {step}; checkpoint saved, run again to resume")
                 result.state, result.stopped_by_signal = state, True
                 return state, step, data_iter
         return state, step, data_iter
