@@ -109,19 +109,21 @@ def gcs(tmp_path_factory):
     assert os.listdir(cwd) == [], f"files landed on local disk: {os.listdir(cwd)}"
 
 
-def _train(gcs, workdir, *overrides):
-    return gcs.spawn("-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN, *RUN,
-                     "train.synthetic.enabled=true", "train.log.tensorboard=true", *overrides)
+def _train(gcs, config, workdir, *overrides):
+    return gcs.spawn("-m", "vlm_jax.cli", "train", "--config", config, f"workdir={workdir}", *SMALL_RUN, *RUN,
+                     "train.log.tensorboard=true", *overrides)
 
 
 def test_train_kill_resume_export_import_on_gcs(gcs, tmp_path):
     reference = str(tmp_path / "reference")  # the uninterrupted run, on local disk (and filling the compile cache)
-    proc = _train(gcs, reference)
+    proc = _train(gcs, TINY, reference, "train.synthetic.enabled=true")
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out[-3000:]
 
     workdir = f"gs://{BUCKET}/run"
-    proc = _train(gcs, workdir, "train.synthetic.delay_s=0.5")  # input latency so the kill lands mid-run
+    gcs.write("configs/run.yaml", f"base: {TINY}\ntrain: {{synthetic: {{enabled: true}}}}\n".encode())
+    config = f"gs://{BUCKET}/configs/run.yaml"  # a config file on gs:// whose base: is a local file
+    proc = _train(gcs, config, workdir, "train.synthetic.delay_s=0.5")  # input latency so the kill lands mid-run
     deadline = time.time() + 240
     while not gcs.committed("run/checkpoints"):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -132,7 +134,7 @@ def test_train_kill_resume_export_import_on_gcs(gcs, tmp_path):
     killed_at = max(gcs.committed("run/checkpoints"))
     assert 2 <= killed_at < 6
 
-    proc = _train(gcs, workdir)
+    proc = _train(gcs, config, workdir)
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out[-3000:]
     assert f"resumed from {workdir}/checkpoints step {killed_at}" in out and "finished at step 6" in out

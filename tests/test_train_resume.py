@@ -27,6 +27,7 @@ def env(tmp_path_factory):
 
 def _spawn(env, workdir, *overrides):
     cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN, *RUN,
+           "train.synthetic.enabled=true",
            *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

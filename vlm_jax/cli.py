@@ -53,11 +53,12 @@ def cmd_export(args):
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     params = checkpoint.restore_params(args.checkpoint)
     to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
-    tokenizer, _ = tokenizer_path(config, args.checkpoint)
-    if tokenizer:  # the run's own sentencepiece model travels with the weights
-        tokenizer = user_path(tokenizer, "tokenizer")
+    found, _ = tokenizer_path(config, args.checkpoint)
+    tokenizer = user_path(found, "tokenizer") if found else None
+    if tokenizer and tokenizer.is_file():  # the run's own sentencepiece model travels with the weights
         write_atomic(out / tokenizer.name, tokenizer.read_bytes())
-    print(f"exported step {step} of {args.checkpoint} -> {out}" + (f" (with {tokenizer.name})" if tokenizer else ""))
+    print(f"exported step {step} of {args.checkpoint} -> {out}"
+          + (f" (with {tokenizer.name})" if tokenizer and tokenizer.is_file() else ""))
 
 
 def cmd_train(args):
