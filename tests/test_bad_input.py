@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from vlm_jax import cli
 from vlm_jax.convert.safetensors_io import read_dir, write_dir
@@ -111,3 +112,17 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("vlm-jax info: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--config", "configs/models/tiny_mllama.yaml", "workdir=hdfs://cluster/run"], "workdir: 'hdfs://"),
+    (["train", "--config", "configs/models/tiny_mllama.yaml", "workdir=/tmp/x", "data.tokenizer=http://h/t.model",
+      "data.sources=[{kind: jsonl, name: j, path: ftp://h/d.jsonl}]"], "data.sources[0].path: 'ftp://"),
+    (["import", "--hf", "hf://org/model", "--out", "/tmp/never"], "--hf: 'hf://"),
+    (["export", "--checkpoint", "/tmp/nope", "--out", "file:///tmp/o"], "--out: 'file://"),
+    (["info", "--config", "https://example.com/c.yaml"], "--config: 'https://"),
+])
+def test_unknown_path_scheme_is_one_line_naming_the_key(argv, needle, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    err = _fails(capsys, argv, needle, "cannot read or write")
+    assert not os.path.exists(os.path.join(REPO, needle.split("'")[1].split(":")[0] + ":"))  # never a local folder

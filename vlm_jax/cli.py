@@ -21,49 +21,57 @@ def cmd_info(args):
         print(f"{label:<{width}}  {n:>16,}")
 
 
+def _empty_out(out: str):
+    """--out as a path that holds nothing yet (nothing is ever overwritten)."""
+    from vlm_jax.paths import is_nonempty, user_path
+    path = user_path(out, "--out")
+    if is_nonempty(path):
+        raise_user(f"{out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    return path
+
+
 def cmd_import(args):
     from vlm_jax.config import Config
     from vlm_jax.convert import from_hf, read_hf_config
     from vlm_jax.train import checkpoint
-    if os.path.exists(args.out) and os.listdir(args.out):
-        raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    out = _empty_out(args.out)
     overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
     model, params = from_hf(args.hf, **_typed(overrides))
-    checkpoint.save_params(args.out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
-    print(f"imported {args.hf} -> {os.path.abspath(args.out)} (step 0)")
+    checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
+    print(f"imported {args.hf} -> {out} (step 0)")
 
 
 def cmd_export(args):
-    import shutil
-
     from vlm_jax.convert import to_hf
     from vlm_jax.infer.answer import tokenizer_path
     from vlm_jax.families import build_model
+    from vlm_jax.paths import user_path, write_atomic
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
-    if os.path.exists(args.out) and os.listdir(args.out):
-        raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     params = checkpoint.restore_params(args.checkpoint)
-    to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
-    tokenizer, _ = tokenizer_path(config, args.checkpoint)
-    if tokenizer and os.path.isfile(tokenizer):  # the run's own sentencepiece model travels with the weights
-        shutil.copy(tokenizer, args.out)
-    print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}"
-          + (f" (with {os.path.basename(tokenizer)})" if tokenizer and os.path.isfile(tokenizer) else ""))
+    to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+    found, _ = tokenizer_path(config, args.checkpoint)
+    tokenizer = user_path(found, "tokenizer") if found else None
+    if tokenizer and tokenizer.is_file():  # the run's own sentencepiece model travels with the weights
+        write_atomic(out / tokenizer.name, tokenizer.read_bytes())
+    print(f"exported step {step} of {args.checkpoint} -> {out}"
+          + (f" (with {tokenizer.name})" if tokenizer and tokenizer.is_file() else ""))
 
 
 def cmd_train(args):
     from vlm_jax import distributed
     from vlm_jax.config import load_config
+    from vlm_jax.paths import user_path
     from vlm_jax.train.loop import train
     cfg = load_config(args.config, args.overrides)
     distributed.initialize(cfg.distributed)  # before any device is touched; a no-op for one process
     print(distributed.check_processes(cfg.distributed))
     result = train(cfg)
     if not result.stopped_by_signal:
-        print(f"finished at step {int(result.state.step)}; checkpoints in {os.path.join(cfg.workdir, 'checkpoints')}")
+        print(f"finished at step {int(result.state.step)}; checkpoints in {user_path(cfg.workdir, 'workdir') / 'checkpoints'}")
 
 
 def cmd_eval(args):
@@ -72,6 +80,7 @@ def cmd_eval(args):
     from vlm_jax.config import load_config
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.evaluate import evaluate_sources, results_table
+    from vlm_jax.paths import user_path, write_atomic
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.eval_sources:
         raise_user(f"{args.config}: data.eval_sources is empty; list the held-out sources to evaluate "
@@ -81,8 +90,7 @@ def cmd_eval(args):
     results = evaluate_sources(answerer, cfg.data.eval_sources, args.limit)
     print(results_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.row() for r in results], f, indent=2)
+        write_atomic(user_path(args.json, "--json"), json.dumps([r.row() for r in results], indent=2))
 
 
 def cmd_generate(args):
@@ -90,12 +98,13 @@ def cmd_generate(args):
 
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.generate import Sampling
+    from vlm_jax.paths import user_path
     images = args.image * len(args.prompt) if len(args.image) == 1 else args.image
     if len(images) != len(args.prompt):
         raise_user(f"{len(args.image)} --image for {len(args.prompt)} --prompt; give one image per prompt, "
                    "or one image for all")
     for path in images:
-        if not os.path.isfile(path):
+        if not user_path(path, "--image").is_file():
             raise_user(f"--image {path}: file not found")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     answerer = load_answerer(args.checkpoint, args.tokenizer, batch_size=len(args.prompt),

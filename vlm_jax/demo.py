@@ -4,14 +4,15 @@ with transformers' PyTorch `generate`, JAX and PyTorch side by side.
 
     python -m vlm_jax.demo [dotted.key=value ...]     # e.g. train.steps=100 workdir=/tmp/demo_quick
 
-Writes into the workdir (default workdirs/demo): checkpoints/, metrics.jsonl, demo.png, hf/ and
-demo_summary.json. Running it again resumes training (or skips it when finished) and redoes the rest.
+Writes into the workdir (default workdirs/demo; local, since transformers loads hf/ from disk): checkpoints/,
+metrics.jsonl, demo.png, hf/ and demo_summary.json. Running it again resumes training (or skips it when
+finished) and redoes the rest.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -22,6 +23,7 @@ from vlm_jax.convert import to_hf
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.evaluate import SourceResult, evaluate_records, read_records, results_table, source_label
 from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
+from vlm_jax.paths import is_nonempty, is_remote, user_path, write_atomic
 from vlm_jax.train.loop import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +31,15 @@ CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 SHOW_PER_TASK = 3  # held-out questions printed per task in the JAX vs PyTorch table
 
 
-def plot(metrics_path: str, out_path: str):
+def read_metrics(metrics_path) -> list[dict]:
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
+def plot(metrics_path, out_path):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    records = read_metrics(metrics_path)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     loss_ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     evals = [r for r in records if "eval_loss" in r]
@@ -46,7 +52,9 @@ def plot(metrics_path: str, out_path: str):
     acc_ax.set(xlabel="step", ylabel="exact match", ylim=(0, 1.02), title="held-out accuracy (greedy)")
     acc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(out_path, png.getvalue())
     plt.close(fig)
 
 
@@ -68,7 +76,11 @@ def compare_with_pytorch(answerer, hf_dir: str, records_per_task: dict[str, list
 
 def main(argv: list[str]) -> int:
     cfg = load_config(CONFIG, ["workdir=" + os.path.join(REPO, "workdirs", "demo")] + argv)
-    workdir = os.path.abspath(cfg.workdir)
+    if is_remote(cfg.workdir):
+        print(f"demo: workdir={cfg.workdir} must be a local folder (transformers loads the export from disk); "
+              "train on gs:// with `vlm-jax train`", file=sys.stderr)
+        return 2
+    workdir = user_path(cfg.workdir, "workdir")
     print(f"== training {os.path.relpath(CONFIG, REPO)} in {workdir} (run again to resume)")
     start = time.perf_counter()
     trainer = Trainer(cfg)
@@ -76,7 +88,7 @@ def main(argv: list[str]) -> int:
     train_seconds = time.perf_counter() - start
     if result.stopped_by_signal:
         return 1
-    steps = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if line.strip()]
+    steps = read_metrics(workdir / "metrics.jsonl")
     step_times = [r["step_time_s"] for r in steps if r["step"] > steps[0]["step"]] or [r["step_time_s"] for r in steps]
     print(f"training: {train_seconds:.0f} s wall in this run (compile, data and evals included); "
           f"{1 / float(np.median(step_times)):.2f} steps/s (median of logged steps)")
@@ -90,17 +102,18 @@ def main(argv: list[str]) -> int:
     results = [evaluate_records(answerer, label, recs) for label, recs in records.items()]
     print(results_table(results))
 
-    plot_path = os.path.join(workdir, "demo.png")
-    plot(os.path.join(workdir, "metrics.jsonl"), plot_path)
+    plot_path = workdir / "demo.png"
+    plot(workdir / "metrics.jsonl", plot_path)
     print(f"\nplot of loss and accuracy: {plot_path}")
 
-    hf_dir = os.path.join(workdir, "hf")
-    shutil.rmtree(hf_dir, ignore_errors=True)
+    hf_dir = workdir / "hf"
+    if is_nonempty(hf_dir):  # the previous run's export
+        hf_dir.rmtree()
     to_hf(trainer.model, params, hf_dir)
-    shutil.copy(os.path.join(workdir, "tokenizer.model"), hf_dir)
+    write_atomic(hf_dir / "tokenizer.model", (workdir / "tokenizer.model").read_bytes())
     print(f"exported to Hugging Face format: {hf_dir}")
 
-    mismatches, shown = compare_with_pytorch(answerer, hf_dir, records, results)
+    mismatches, shown = compare_with_pytorch(answerer, str(hf_dir), records, results)
     print("\n== held-out questions answered by JAX (vlm_jax) and by PyTorch (transformers generate on the export)")
     print(f"{'task':<22}{'question':<30}{'truth':<8}{'JAX':<8}PyTorch")
     for task, question, truth, ours, theirs in shown:
@@ -118,11 +131,10 @@ def main(argv: list[str]) -> int:
         "perplexity": {r.label: r.perplexity for r in results},
         "held_out_examples": {r.label: r.examples for r in results},
         "jax_pytorch_greedy_agree": agreed, "jax_pytorch_disagreements": mismatches,
-        "plot": plot_path, "hf_dir": hf_dir,
+        "plot": str(plot_path), "hf_dir": str(hf_dir),
     }
-    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"summary: {os.path.join(workdir, 'demo_summary.json')}")
+    write_atomic(workdir / "demo_summary.json", json.dumps(summary, indent=2))
+    print(f"summary: {workdir / 'demo_summary.json'}")
     return 0 if agreed else 1
 
 

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlm_jax.config import MeshConfig
 from vlm_jax.errors import ConfigError
+from vlm_jax.paths import resolve_from
 
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mesh")
@@ -64,9 +65,9 @@ def load_rules(name_or_path: str) -> Rules:
 
 def _rule_file(ref: str, here: epath.Path) -> epath.Path:
     """A preset name, or a YAML path (absolute, gs://, or relative to `here`)."""
-    path = (epath.Path(RULES_DIR) / f"{ref}.yaml" if not ref.endswith((".yaml", ".yml"))
-            else epath.Path(ref) if "://" in ref or os.path.isabs(ref) else here / ref)
-    return path if "://" in str(path) else path.resolve()  # one spelling per file, for the cycle check
+    if not ref.endswith((".yaml", ".yml")):
+        return epath.Path(RULES_DIR) / f"{ref}.yaml"
+    return resolve_from(here, ref, "mesh.rules")  # one spelling per file, for the cycle check
 
 
 def _read_rules(path: epath.Path, what: str, chain: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -17,6 +17,7 @@ from vlm_jax.config.model import (ConnectorConfig, MllamaVisionConfig, ModelConf
 from vlm_jax.config.train import (CheckpointConfig, LogConfig, LrGroup, OptimizerConfig, ScheduleConfig,
                                   StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
 from vlm_jax.errors import ConfigError
+from vlm_jax.paths import user_path
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Config:
 
 def validate(cfg: Config):
     validate_model(cfg.model)
+    if cfg.workdir:
+        user_path(cfg.workdir, "workdir")  # an unknown scheme stops here, named
     validate_mesh(cfg.mesh, cfg.distributed)
     validate_train(cfg.train)
     if cfg.train.synthetic.enabled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_jax.config.loader import check
+from vlm_jax.paths import user_path
 from vlm_jax.registry import IMAGE_OPS, SOURCES, TEMPLATES
 
 OVERFLOW = ("truncate", "drop")
@@ -75,6 +76,9 @@ def _validate_source(s: SourceConfig, where: str):
     check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
     check(s.kind not in ("jsonl", "tfds") or bool(s.path),
            f"{where}.path must be set for a {s.kind} source ({'the .jsonl file' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
+    for key in ("path", "image_root"):
+        if getattr(s, key):
+            user_path(getattr(s, key), f"{where}.{key}")  # an unknown scheme stops here, named
     check(s.weight > 0, f"{where}.weight must be positive, got {s.weight}")
     check(s.size >= 0, f"{where}.size must be >= 0 (0 = task default), got {s.size}")
 
@@ -86,6 +90,8 @@ def validate_data(cfg: DataConfig, where: str = "data"):
         _validate_source(s, f"{where}.sources[{i}]")
     for i, s in enumerate(cfg.eval_sources):
         _validate_source(s, f"{where}.eval_sources[{i}]")
+    if cfg.tokenizer:
+        user_path(cfg.tokenizer, f"{where}.tokenizer")
     TEMPLATES.get(cfg.template, f"{where}.template")
     IMAGE_OPS.get(cfg.image.op, f"{where}.image.op")
     check(cfg.image.max_tiles > 0, f"{where}.image.max_tiles must be positive, got {cfg.image.max_tiles}")

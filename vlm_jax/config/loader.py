@@ -5,7 +5,6 @@ Every user mistake raises `ConfigError` with one line naming the key, so the CLI
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from vlm_jax.errors import ConfigError
+from vlm_jax.paths import resolve_from, user_path
 
 
 def check(ok: bool, message: str):
@@ -115,15 +115,15 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
-    path = os.path.abspath(path)
-    if path in seen:
+def read_yaml(path, seen: tuple[str, ...] = ()) -> dict:
+    """A YAML config file (local or gs://) with its `base:` files merged under it (relative to the file)."""
+    path = user_path(path, "--config")
+    if str(path) in seen:
         raise ConfigError(f"{path}: `base:` includes form a cycle")
-    if not os.path.isfile(path):
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -134,7 +134,7 @@ def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     bases = data.pop("base", [])
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else bases:
-        merged = deep_merge(merged, read_yaml(os.path.join(os.path.dirname(path), b), seen + (path,)))
+        merged = deep_merge(merged, read_yaml(resolve_from(path.parent, b, f"{path}: base"), seen + (str(path),)))
     return deep_merge(merged, data)
 
 

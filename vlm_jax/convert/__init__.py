@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ from vlm_jax.convert.keymap import flatten, from_per_layer, hf_to_ours, ours_to_
 from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.families import Family, abstract_params, build_model, family_for_hf, get_family
 from vlm_jax.models.layers import DTYPES
+from vlm_jax.paths import user_path, write_atomic
 
 
 def conversion_module(family: Family):
@@ -34,26 +34,26 @@ def family_module(model_config: ModelConfig):
     return conversion_module(get_family(model_config))
 
 
-def read_hf_config(hf_dir: str) -> dict:
-    if not os.path.isdir(hf_dir):
+def read_hf_config(hf_dir) -> dict:
+    hf_dir = user_path(hf_dir, "--hf")
+    if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir}: not a directory; pass a Hugging Face model directory")
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
+    path = hf_dir / "config.json"
+    if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
     try:
-        with open(path) as f:
-            hf = json.load(f)
+        hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: expected a JSON object")
-    family_for_hf(hf.get("model_type"), path)
+    family_for_hf(hf.get("model_type"), str(path))
     return hf
 
 
-def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
+def config_from_hf(hf_dir, **overrides) -> ModelConfig:
     hf = read_hf_config(hf_dir)
-    where = os.path.join(hf_dir, "config.json")
+    where = str(user_path(hf_dir, "--hf") / "config.json")
     try:
         return conversion_module(family_for_hf(hf["model_type"], where)).config_from_hf(hf, where, **overrides)
     except ConfigError as e:
@@ -91,10 +91,9 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
     tensors = ours_to_hf(to_per_layer(flat, family.stacks(cfg)), family.rules(cfg), DTYPES[dtype])
     safetensors_io.write_dir(out_dir, tensors, max_shard_bytes)
     hf_config = family.config_to_hf(cfg, dtype, hf_config_base)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(family.generation_config(cfg), f, indent=2)
+    out_dir = user_path(out_dir, "--out")
+    write_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2))
+    write_atomic(out_dir / "generation_config.json", json.dumps(family.generation_config(cfg), indent=2))
 
 
 def parameter_counts(model_config: ModelConfig) -> dict[str, int]:

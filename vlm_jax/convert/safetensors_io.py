@@ -2,17 +2,18 @@
 
 Written here rather than through `safetensors.numpy` because that cannot represent bfloat16, and so that
 truncated or corrupt files are reported as one clear line instead of a deep traceback. No pickle anywhere.
+Directories may be local (files are memory-mapped) or on an object store (gs://: each file is read whole).
 """
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
 from vlm_jax.errors import ConversionError
+from vlm_jax.paths import atomic_open, is_remote, user_path
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -23,20 +24,18 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ConversionError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has "
-                                  f"{size}); re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConversionError(f"{path}: corrupt safetensors header; re-download it") from None
+def _read_header(path, data: np.ndarray) -> tuple[dict, int]:
+    size = len(data)
+    if size < 8:
+        raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
+    (n,) = struct.unpack("<Q", data[:8].tobytes())
+    if 8 + n > size:
+        raise ConversionError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has "
+                              f"{size}); re-download it")
+    try:
+        header = json.loads(data[8:8 + n].tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConversionError(f"{path}: corrupt safetensors header; re-download it") from None
     header.pop("__metadata__", None)
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + n + end > size:
@@ -45,10 +44,16 @@ def _read_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_file(path: str) -> dict[str, np.ndarray]:
-    """Memory-maps one file; arrays are read-only views."""
-    header, base = _read_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+def read_file(path) -> dict[str, np.ndarray]:
+    """One file's tensors, read-only: views of a memory map (local) or of the whole object's bytes (gs://)."""
+    path = user_path(path, "safetensors file")
+    if is_remote(path):
+        data = np.frombuffer(path.read_bytes(), np.uint8)
+    elif path.stat().length == 0:  # np.memmap refuses an empty file
+        data = np.zeros(0, np.uint8)
+    else:
+        data = np.memmap(str(path), dtype=np.uint8, mode="r")
+    header, base = _read_header(path, data)
     out = {}
     for name, info in header.items():
         if info["dtype"] not in DTYPES:
@@ -62,19 +67,19 @@ def read_file(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_dir(hf_dir: str) -> dict[str, np.ndarray]:
+def read_dir(hf_dir) -> dict[str, np.ndarray]:
     """All weights of a Hugging Face directory: sharded (index.json) or a single model.safetensors."""
-    index_path = os.path.join(hf_dir, INDEX_NAME)
-    if os.path.isfile(index_path):
+    hf_dir = user_path(hf_dir, "--hf")
+    index_path = hf_dir / INDEX_NAME
+    if index_path.is_file():
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConversionError(f"{index_path}: malformed index (needs a 'weight_map' object)") from None
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(hf_dir, shard)
-            if not os.path.isfile(shard_path):
+            shard_path = hf_dir / shard
+            if not shard_path.is_file():
                 raise ConversionError(f"{shard_path}: shard named in {INDEX_NAME} is missing; re-download it")
             tensors.update(read_file(shard_path))
         missing = sorted(set(weight_map) - set(tensors))
@@ -82,22 +87,23 @@ def read_dir(hf_dir: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{index_path}: {len(missing)} indexed tensors are absent from their shards, "
                                   f"e.g. '{missing[0]}'")
         return tensors
-    single = os.path.join(hf_dir, SINGLE_NAME)
-    if os.path.isfile(single):
+    single = hf_dir / SINGLE_NAME
+    if single.is_file():
         return read_file(single)
-    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    names = sorted(p.name for p in hf_dir.iterdir())
+    files = [f for f in names if f.endswith(".safetensors")]
     if files:
         tensors = {}
         for f in files:
-            tensors.update(read_file(os.path.join(hf_dir, f)))
+            tensors.update(read_file(hf_dir / f))
         return tensors
-    pickled = [f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth"))]
+    pickled = [f for f in names if f.endswith((".bin", ".pt", ".pth"))]
     hint = (" (found pickled PyTorch weights, which are not loaded for safety; re-save them with "
             "save_pretrained(..., safe_serialization=True))") if pickled else ""
     raise ConversionError(f"{hf_dir}: no *.safetensors weights{hint}")
 
 
-def _write_file(path: str, tensors: dict[str, np.ndarray]):
+def _write_file(path, tensors: dict[str, np.ndarray]):
     header, offset = {}, 0
     for name, arr in tensors.items():
         header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
@@ -106,18 +112,16 @@ def _write_file(path: str, tensors: dict[str, np.ndarray]):
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)  # 8-byte aligned tensor data
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:  # never a half-written file under the final name
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
-def write_dir(out_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 5 << 30):
+def write_dir(out_dir, tensors: dict[str, np.ndarray], max_shard_bytes: int = 5 << 30):
     """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`."""
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = user_path(out_dir, "--out")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -128,13 +132,13 @@ def write_dir(out_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int
         shards[-1][name] = arr
         size += arr.nbytes
     if len(shards) == 1:
-        _write_file(os.path.join(out_dir, SINGLE_NAME), shards[0])
+        _write_file(out_dir / SINGLE_NAME, shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_file(os.path.join(out_dir, fname), shard)
+        _write_file(out_dir / fname, shard)
         weight_map.update({k: fname for k in shard})
     total = sum(a.nbytes for a in tensors.values())
-    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+    with atomic_open(out_dir / INDEX_NAME) as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 
 from vlm_jax.data import tiling
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.errors import ConfigError
+from vlm_jax.paths import user_path
 from vlm_jax.registry import IMAGE_OPS
 
 register_image_op = IMAGE_OPS.register
@@ -45,9 +47,8 @@ def decode_image(data: bytes | str | np.ndarray) -> np.ndarray:
         return np.repeat(data[..., None], 3, -1) if data.ndim == 2 else data
     if isinstance(data, str):
         try:
-            with open(data, "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            data = user_path(data, "image").read_bytes()  # local or gs://
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ConfigError):
             raise BadRecord("missing_image", data) from None
     if len(data) == 0:
         raise BadRecord("empty_image", "0 bytes")

@@ -8,12 +8,12 @@ nobody consumed and carries the consumed positions beyond it in `skip`: nothing 
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from vlm_jax.paths import user_path
 
 STATE_VERSION = 1
 
@@ -85,21 +85,18 @@ def reshard_states(states: Sequence[dict], process_count: int) -> list[dict]:
 _STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 
 
-def restore_state(directory: str, process_index: int, process_count: int) -> dict:
+def restore_state(directory, process_index: int, process_count: int) -> dict:
     """This process's state from a directory written by grain's Orbax CheckpointHandler
     (`process_{i}-of-{n}.json`), re-sharded when the checkpoint came from another process count."""
-    own = os.path.join(directory, f"process_{process_index}-of-{process_count}.json")
-    if os.path.isfile(own):
-        with open(own) as f:
-            return json.load(f)
-    files = {m.groups(): path for path in glob.glob(os.path.join(directory, "process_*-of-*.json"))
-             if (m := _STATE_FILE.search(path))}
+    directory = user_path(directory, "data-iterator state directory")
+    own = directory / f"process_{process_index}-of-{process_count}.json"
+    if own.is_file():
+        return json.loads(own.read_text())
+    files = {m.groups(): path for path in directory.glob("process_*-of-*.json")
+             if (m := _STATE_FILE.search(path.name))}
     counts = {int(n) for _, n in files}
     if len(counts) != 1:
         raise ValueError(f"{directory}: expected data-iterator states of one process count, found counts "
                          f"{sorted(counts) or 'none'}")
-    states = []
-    for path in files.values():
-        with open(path) as f:
-            states.append(json.load(f))
+    states = [json.loads(path.read_text()) for path in files.values()]
     return reshard_states(states, process_count)[process_index]

@@ -6,8 +6,9 @@ text are matched as single ids by both backends.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable
+
+from vlm_jax.paths import user_path, write_atomic
 
 # Where training keeps the tokenizer it trains for embedded tasks (<workdir>/tokenizer.model).
 TOKENIZER_FILE = "tokenizer.model"
@@ -100,8 +101,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(int(token_id))
 
     def save(self, path: str):
-        with open(path, "wb") as f:
-            f.write(self._init_kwargs["model_proto"])
+        """Writes the model file (local or gs://) through a temporary name."""
+        write_atomic(user_path(path, "tokenizer"), self._init_kwargs["model_proto"])
 
 
 class HFTokenizer(Tokenizer):
@@ -126,22 +127,20 @@ class HFTokenizer(Tokenizer):
         return self._tok.id_to_token(int(token_id))
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A sentencepiece `.model`, an HF `tokenizer.json`, or a folder holding either."""
-    if os.path.isdir(path):
+def load_tokenizer(path) -> Tokenizer:
+    """A sentencepiece `.model`, an HF `tokenizer.json`, or a folder holding either (local or gs://)."""
+    path = user_path(path, "tokenizer")
+    if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model", "spm.model"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
         raise ValueError(f"no tokenizer.json or tokenizer.model in {path}; point data.tokenizer at the file")
-    if not os.path.isfile(path):
+    if not path.is_file():
         raise ValueError(f"tokenizer file not found: {path}; set data.tokenizer to a .model or tokenizer.json")
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return HFTokenizer(f.read(), name=path)
-    with open(path, "rb") as f:
-        proto = f.read()
+    if path.name.endswith(".json"):
+        return HFTokenizer(path.read_text(encoding="utf-8"), name=str(path))
     try:
-        return SentencePieceTokenizer(proto, name=path)
+        return SentencePieceTokenizer(path.read_bytes(), name=str(path))
     except RuntimeError:
         raise ValueError(f"{path} is not a sentencepiece model (Llama 3 ships a tiktoken file under that name); "
                          "use the checkpoint's tokenizer.json instead") from None

@@ -5,7 +5,6 @@ demo and the trainer's periodic accuracy evaluation.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import UserError
 from vlm_jax.families import get_family
 from vlm_jax.infer.generate import Sampling, generate
+from vlm_jax.paths import user_path
 from vlm_jax.train import checkpoint
 
 _LENGTH_BUCKET = 16  # prompt widths are rounded up to this, so a held-out set compiles once or twice
@@ -94,10 +94,10 @@ def tokenizer_path(config, checkpoint_path: str, explicit: str = "") -> tuple[st
     config's data.tokenizer, else the one training kept in the run's workdir (the run's recorded workdir, or
     the folder holding the checkpoints/ directory)."""
     candidates = [explicit] if explicit else [config.data.tokenizer] if config.data.tokenizer else [
-        os.path.join(config.workdir, TOKENIZER_FILE) if config.workdir else "",
-        os.path.join(_workdir_of(checkpoint_path), TOKENIZER_FILE)]
+        str(user_path(config.workdir, "workdir") / TOKENIZER_FILE) if config.workdir else "",
+        str(_workdir_of(checkpoint_path) / TOKENIZER_FILE)]
     candidates = [c for c in candidates if c]
-    return next((c for c in candidates if os.path.exists(c)), None), candidates
+    return next((c for c in candidates if user_path(c, "tokenizer").exists()), None), candidates
 
 
 def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
@@ -108,12 +108,12 @@ def find_tokenizer(config, checkpoint_path: str, explicit: str = ""):
     return load_tokenizer(path)
 
 
-def _workdir_of(checkpoint_path: str) -> str:
+def _workdir_of(checkpoint_path: str):
     """workdir/checkpoints[/step] -> workdir."""
-    path = os.path.abspath(checkpoint_path)
-    if os.path.basename(path).isdigit():
-        path = os.path.dirname(path)
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+    path = user_path(checkpoint_path, "--checkpoint")
+    if path.name.isdigit():
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
 
 
 def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:

@@ -7,8 +7,6 @@ Restores go through an abstract target carrying the CURRENT mesh's shardings, so
 """
 from __future__ import annotations
 
-import os
-
 import absl.logging
 import jax
 import numpy as np
@@ -16,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from vlm_jax.config import Config, from_dict, to_dict, validate
 from vlm_jax.errors import UserError
+from vlm_jax.paths import user_path
 
 PARAMS, META = "params", "meta"
 HANDLERS = {PARAMS: ocp.StandardCheckpointHandler, META: ocp.JsonCheckpointHandler}
@@ -28,14 +27,15 @@ class CheckpointError(UserError):
     pass
 
 
-def manager(directory: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
+def manager(directory, *, max_to_keep: int | None = None, keep_period: int | None = None,
             async_save: bool = False, item_names: tuple[str, ...] = (PARAMS, META), read_only: bool = False):
     """A CheckpointManager over `item_names` (handlers for other items: register them in HANDLERS)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period,
                                            enable_async_checkpointing=async_save, create=not read_only,
                                            read_only=read_only)
     handlers = {name: HANDLERS[name]() for name in item_names if name in HANDLERS}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+    directory = user_path(directory, "checkpoint directory")  # Orbax writes gs:// itself (no renames there)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def meta_dict(config: Config, hf_config: dict | None = None, **extra) -> dict:
@@ -50,20 +50,19 @@ def save_params(directory: str, params, config: Config, hf_config: dict | None =
         mgr.wait_until_finished()
 
 
-def resolve(path: str) -> tuple[str, int]:
+def resolve(path) -> tuple[str, int]:
     """`path` is a manager directory (latest committed step) or one step directory inside it."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = user_path(path, "--checkpoint")
+    if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, PARAMS)):
-        return os.path.dirname(path), int(base)
+    if path.name.isdigit() and (path / PARAMS).is_dir():
+        return str(path.parent), int(path.name)
     with manager(path, read_only=True) as mgr:
         step = mgr.latest_step()
     if step is None:
         raise CheckpointError(f"{path}: no complete checkpoint step found; pass a directory written by "
                               "`vlm-jax train` or `vlm-jax import`")
-    return path, step
+    return str(path), step
 
 
 def read_meta(path: str) -> tuple[Config, dict | None, int]:
@@ -113,11 +112,13 @@ def save_train(mgr, step: int, *, params, opt_state, train_state: dict, data_ite
         META: ocp.args.JsonSave(meta)}))
 
 
-def incomplete_steps(directory: str) -> list[str]:
-    """Step directories an interrupted save left behind (never committed, so the manager ignores them)."""
-    if not os.path.isdir(directory):
+def incomplete_steps(directory) -> list[str]:
+    """Step directories an interrupted save left behind (never committed, so the manager ignores them).
+    On an object store Orbax writes in place and commits with a marker file instead, so there are none."""
+    directory = user_path(directory, "checkpoint directory")
+    if not directory.is_dir():
         return []
-    return sorted(name for name in os.listdir(directory) if TMP_MARKER in name)
+    return sorted(p.name for p in directory.iterdir() if TMP_MARKER in p.name)
 
 
 def restore_train(mgr, step: int, abstract_params, abstract_opt_state) -> dict:

@@ -5,7 +5,6 @@ step, rng and data-iterator state), on whatever mesh the current config and devi
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import numpy as np
 from vlm_jax import hardware, sharding
 from vlm_jax.config import Config
 from vlm_jax.errors import ConfigError, UserError
+from vlm_jax.paths import user_path
 from vlm_jax.families import abstract_params, get_family, init_params
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
@@ -57,7 +57,7 @@ class Trainer:
         self.abstract_boxed = abstract_params(self.model)
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
-        self.ckpt_dir = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
+        self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
 
     def plan(self, stage: Stage) -> StagePlan:
         if stage.index not in self.plans:
@@ -183,7 +183,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         train = self.cfg.train
-        os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # creates nothing on an object store
         mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
                                        keep_every=train.checkpoint.keep_every,
                                        async_save=train.checkpoint.async_save)

@@ -2,41 +2,53 @@
 
 On resume both logs are cut back to the restored step, so the record continues without gaps or repeats
 after a crash that happened past the last checkpoint. With several processes only the primary one (process 0)
-writes the files (they share the workdir); every process prints its line.
+writes the files (they share the workdir); every process prints its line. On an object store (gs://), which
+has no appends, the logger keeps the run's records and rewrites metrics.jsonl at each logged step.
 """
 from __future__ import annotations
 
 import json
-import os
 
 from tensorboardX import SummaryWriter
+
+from vlm_jax.paths import atomic_open, is_remote, user_path
+
 
 class MetricsLogger:
     def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True, echo=print, primary: bool = True,
                  total_steps: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.file = self.tb = None
+        workdir = user_path(workdir, "workdir")
+        self.path = workdir / "metrics.jsonl"
+        self.file = self.tb = self.lines = None
         self.echo, self.total_steps = echo, total_steps
         if not primary:
             return
-        self._truncate_after(resume_step)
-        self.file = open(self.path, "a")
+        kept = self._truncate_after(resume_step)
+        if is_remote(self.path):
+            self.lines = kept
+        else:
+            self.file = self.path.open("a")
         # purge_step hides events past the restored step that a killed run had written
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1) \
-            if tensorboard else None
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1) if tensorboard else None
 
-    def _truncate_after(self, step: int):
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
+    def _truncate_after(self, step: int) -> list[str]:
+        if not self.path.exists():
+            return []
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_open(self.path) as f:
             f.writelines(kept)
+        return kept
 
     def write(self, record: dict):
+        line = json.dumps(record) + "\n"
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(line)
             self.file.flush()
+        elif self.lines is not None:  # no appends on an object store: rewrite the object
+            self.lines.append(line)
+            with atomic_open(self.path) as f:
+                f.writelines(self.lines)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -5,7 +5,8 @@
                                             {"from": "gpt", "value": "A cat."}]}
 
 Image paths are resolved against `image_root` (default: the JSONL file's folder) and read only when the
-example is prepared, so a missing file costs one record, not the run.
+example is prepared, so a missing file costs one record, not the run. The file, the images and image_root
+may be local or on an object store (gs://); an absolute or gs:// image path stands alone.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import numpy as np
 
 from vlm_jax.config import SourceConfig
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.paths import is_remote, resolve_from, user_path
 from vlm_jax.registry import SOURCES
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def parse_record(line: bytes, image_root: str) -> dict:
+def parse_record(line: bytes, image_root) -> dict:
     """One JSONL line -> {"images": [path, ...], "turns": [(role, text), ...]}; BadRecord on any defect."""
     try:
         text = line.decode("utf-8")
@@ -44,7 +46,11 @@ def parse_record(line: bytes, image_root: str) -> dict:
         raise BadRecord("bad_json", "needs 'text' (a caption) or 'conversations'")
     if not any(role == "assistant" and text.strip() for role, text in turns):
         raise BadRecord("empty_text", "no non-empty caption or answer")
-    return {"images": [os.path.join(image_root, p) for p in images], "turns": turns}
+    try:
+        paths = [str(resolve_from(image_root, p, "image")) for p in images]
+    except ValueError as e:  # an image URI of a scheme we cannot read
+        raise BadRecord("missing_image", str(e)) from None
+    return {"images": paths, "turns": turns}
 
 
 def _conversation_turns(conversations) -> list[tuple[str, str]]:
@@ -67,10 +73,9 @@ class JsonlSource:
     """Random access over the non-blank lines of a JSONL file (line offsets indexed once, read by pread)."""
 
     def __init__(self, path: str, image_root: str = ""):
-        self.path = path
-        self.image_root = image_root or os.path.dirname(os.path.abspath(path))
-        with open(path, "rb") as f:
-            data = f.read()
+        self.path = user_path(path, "path")
+        self.image_root = user_path(image_root, "image_root") if image_root else self.path.parent
+        data = self.path.read_bytes()
         newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
         starts = np.concatenate([[0], newlines + 1])
         ends = np.concatenate([newlines, [len(data)]])
@@ -85,11 +90,17 @@ class JsonlSource:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> dict:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         start, end = int(self._starts[index]), int(self._ends[index])
-        # pread is positional, so reader threads can share one descriptor.
-        return parse_record(os.pread(self._fd, end - start, start), self.image_root)
+        return parse_record(self._read(start, end - start), self.image_root)
+
+    def _read(self, start: int, size: int) -> bytes:
+        if is_remote(self.path):  # one ranged read per record
+            with self.path.open("rb") as f:
+                f.seek(start)
+                return f.read(size)
+        if self._fd is None:  # a local file: pread is positional, so reader threads share one descriptor
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self._fd, size, start)
 
     def __repr__(self):
         return f"JsonlSource({self.path}, {len(self)} records)"

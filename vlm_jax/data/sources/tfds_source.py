@@ -7,13 +7,13 @@ only when an example is prepared; turns are stored as parallel role/text sequenc
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 
 import numpy as np
 
 from vlm_jax.config import SourceConfig
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.paths import user_path
 from vlm_jax.registry import SOURCES
 from vlm_jax.data.sources.jsonl import parse_record
 
@@ -50,8 +50,9 @@ def _builder_class():
             return {split: self._generate_examples(path) for split, path in self._splits.items()}
 
         def _generate_examples(self, path):
-            root = self._image_root or os.path.dirname(os.path.abspath(path))
-            with open(path, "rb") as f:
+            path = user_path(path, "split file")
+            root = user_path(self._image_root, "image_root") if self._image_root else path.parent
+            with path.open("rb") as f:
                 for line_number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -62,7 +63,7 @@ def _builder_class():
                         self.skipped[e.reason] += 1
                         log.warning("%s:%d skipped: %s", path, line_number, e)
                         continue
-                    yield f"{os.path.basename(path)}:{line_number}", {
+                    yield f"{path.name}:{line_number}", {
                         "images": images,
                         "roles": [role for role, _ in record["turns"]],
                         "texts": [text for _, text in record["turns"]],
@@ -73,8 +74,7 @@ def _builder_class():
 
 def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return user_path(path, "image").read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise BadRecord("missing_image", path) from None
 

@@ -8,7 +8,6 @@ another count re-shards all of them with `reshard_states` (deterministic: every 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from jax.experimental import multihost_utils
@@ -16,6 +15,7 @@ from jax.experimental import multihost_utils
 from vlm_jax.data import build_pipeline, collate, load_tokenizer, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import ConfigError
+from vlm_jax.paths import user_path
 from vlm_jax.registry import TRAIN_DATA
 from vlm_jax.train.data.base import StagedSourcesData
 
@@ -54,17 +54,15 @@ class PipelineData(StagedSourcesData):
         if kinds != {"embedded"}:
             raise ConfigError("data.tokenizer is empty; set it to a sentencepiece .model or an HF tokenizer.json "
                               "(one is trained automatically only when every source is an embedded task)")
-        path = os.path.join(os.path.abspath(self.cfg.workdir), TOKENIZER_FILE)
-        if os.path.isfile(path):
-            return load_tokenizer(path), path
+        path = user_path(self.cfg.workdir, "workdir") / TOKENIZER_FILE
+        if path.is_file():
+            return load_tokenizer(path), str(path)
         # Deterministic (one training thread), so every process trains the same one; process 0 keeps it.
         tokenizer = train_sentencepiece(task_texts(), vocab_size=self.cfg.model.text.vocab_size)
         if self.process_index == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tokenizer.save(path + ".tmp")
-            os.replace(path + ".tmp", path)
+            tokenizer.save(path)  # through a temporary name
             self.echo(f"trained a {tokenizer.vocab_size}-token sentencepiece tokenizer on the embedded tasks: {path}")
-        return tokenizer, path
+        return tokenizer, str(path)
 
     def example_batch(self, stage: int) -> dict[str, np.ndarray]:
         shapes = self.configs[stage].shapes

@@ -1,0 +1,81 @@
+"""User paths: local, or an object store that etils.epath handles (gs://, s3://, az://), treated alike.
+
+Every path a user gives (workdir, checkpoints, --out, --hf, config files, data sources, tokenizers) goes
+through `user_path`; nothing reads or writes one with os.path, open(), os.makedirs or os.replace. Object
+stores have no appends and no empty directories, and a rename is copy + delete. `atomic_open` never shows a
+half-written file under its final name: a local file is written to a temporary name and renamed; an object is
+uploaded in one request once the writer closes without error (a store publishes an object only when its
+upload completes, so a killed writer leaves nothing), which costs the object's size in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+from etils import epath
+
+from vlm_jax.errors import ConfigError
+
+SCHEMES = ("gs", "s3", "az")  # the object stores epath reaches through fsspec (gcsfs, s3fs, adlfs)
+
+
+def scheme(path) -> str:
+    """'gs' for gs://bucket/x, '' for a local path."""
+    head, sep, _ = str(path).partition("://")
+    return head if sep else ""
+
+
+def is_remote(path) -> bool:
+    return bool(scheme(path))
+
+
+def user_path(path, key: str) -> epath.Path:
+    """`path` as an epath.Path: an absolute local path, or an object-store URI. An unknown scheme stops with
+    one line naming `key` (never guessed as a local folder)."""
+    if isinstance(path, epath.Path):
+        return path
+    text = str(path)
+    if not text:
+        raise ConfigError(f"{key} is empty; give a local path or a {'://, '.join(SCHEMES)}:// URI")
+    found = scheme(text)
+    if found and found not in SCHEMES:
+        raise ConfigError(f"{key}: '{text}' uses the scheme {found}://, which vlm-jax cannot read or write; "
+                          f"use a local path or one of {', '.join(s + '://' for s in SCHEMES)}")
+    return epath.Path(text) if found else epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def resolve_from(folder: epath.Path, ref: str, key: str) -> epath.Path:
+    """`ref` as written inside a file in `folder`: absolute and URI references stand alone, others are relative."""
+    if is_remote(ref) or ref.startswith(("/", "~")):
+        return user_path(ref, key)
+    return folder / ref if is_remote(folder) else user_path(str(folder / ref), key)  # local: '..' normalised
+
+
+def is_nonempty(path: epath.Path) -> bool:
+    """True when `path` is a file, or a folder holding anything (an object-store prefix with objects under it)."""
+    return path.exists() and (not path.is_dir() or any(True for _ in path.iterdir()))
+
+
+@contextlib.contextmanager
+def atomic_open(path: epath.Path, mode: str = "w"):
+    """Writes `path` through a temporary sibling renamed into place once the writer closes without error."""
+    if is_remote(path):
+        buffer = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        (path.write_bytes if "b" in mode else path.write_text)(buffer.getvalue())
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    try:
+        with tmp.open(mode) as f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
+def write_atomic(path: epath.Path, data: str | bytes):
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
