@@ -24,34 +24,49 @@ def cmd_info(args):
 def cmd_import(args):
     from vlm_jax.config import Config
     from vlm_jax.convert import from_hf, read_hf_config
+    from vlm_jax.convert.processor import keep_processor_files
     from vlm_jax.train import checkpoint
     if os.path.exists(args.out) and os.listdir(args.out):
         raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
     overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
     model, params = from_hf(args.hf, **_typed(overrides))
     checkpoint.save_params(args.out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
-    print(f"imported {args.hf} -> {os.path.abspath(args.out)} (step 0)")
+    kept = keep_processor_files(args.hf, args.out)  # export copies them back
+    print(f"imported {args.hf} -> {os.path.abspath(args.out)} (step 0)"
+          + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
 def cmd_export(args):
     import shutil
 
     from vlm_jax.convert import to_hf
-    from vlm_jax.infer.answer import tokenizer_path
+    from vlm_jax.convert.processor import export_repo, kept_processor_dir
+    from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
+    from vlm_jax.infer.answer import tokenizer_path
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
+    kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
+    tokenizer_file, looked_at = (kept, [kept]) if kept else tokenizer_path(config, args.checkpoint, args.tokenizer)
     params = checkpoint.restore_params(args.checkpoint)
-    to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
-    tokenizer, _ = tokenizer_path(config, args.checkpoint)
-    if tokenizer and os.path.isfile(tokenizer):  # the run's own sentencepiece model travels with the weights
-        shutil.copy(tokenizer, args.out)
+    if not tokenizer_file:
+        print(f"WARNING: no tokenizer found (looked at {', '.join(looked_at)}): exporting weights and config.json "
+              "only, with the config's token ids; pass --tokenizer PATH for a complete model repo", file=sys.stderr)
+        to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
+    else:
+        changes = export_repo(config.model, config.data, params, args.out, load_tokenizer(tokenizer_file), args.dtype,
+                              hf_config, kept)
+        for change in changes:
+            print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
+                  "tokenizer's ids)")
+        if tokenizer_file.endswith(".model"):
+            shutil.copy(tokenizer_file, os.path.join(args.out, "tokenizer.model"))  # the sentencepiece original
     print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}"
-          + (f" (with {os.path.basename(tokenizer)})" if tokenizer and os.path.isfile(tokenizer) else ""))
+          + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 
 
 def cmd_train(args):
@@ -150,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", default="hf")
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
+                                                    "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)
 
     trn = sub.add_parser("train", help="train (or resume, when workdir holds a checkpoint)")

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from vlm_jax.config import load_config
-from vlm_jax.convert import to_hf
+from vlm_jax.convert.processor import export_repo
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.evaluate import SourceResult, evaluate_records, read_records, results_table, source_label
 from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
@@ -96,7 +96,8 @@ def main(argv: list[str]) -> int:
 
     hf_dir = os.path.join(workdir, "hf")
     shutil.rmtree(hf_dir, ignore_errors=True)
-    to_hf(trainer.model, params, hf_dir)
+    for change in export_repo(cfg.model, cfg.data, params, hf_dir, trainer.data.tokenizer):
+        print(f"note: {change} (the config disagrees with the tokenizer; the export has the tokenizer's ids)")
     shutil.copy(os.path.join(workdir, "tokenizer.model"), hf_dir)
     print(f"exported to Hugging Face format: {hf_dir}")
 

@@ -1,0 +1,111 @@
+"""The processor half of a Hugging Face export: the tokenizer (ours converted to tokenizer.json, or the files an
+imported checkpoint came with), the chat template the model was trained with, and the image processor settings,
+so `AutoProcessor.from_pretrained(export)` prepares exactly the inputs training did. Token ids written to
+config.json and generation_config.json are the tokenizer's (`with_tokenizer_ids`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from vlm_jax.config import DataConfig, ModelConfig
+from vlm_jax.convert import family_module, to_hf
+from vlm_jax.data import get_template
+from vlm_jax.data.templates import Template
+from vlm_jax.data.tokenizer import BOS, EOS, Tokenizer
+from vlm_jax.errors import ConversionError
+from vlm_jax.families import build_model, get_family
+
+# What an HF checkpoint keeps beside its weights for its processor; `vlm-jax import` keeps them with the
+# checkpoint (in PROCESSOR_DIR) and `vlm-jax export` copies them back.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+PROCESSOR_DIR = "hf_processor"
+
+
+def keep_processor_files(hf_dir: str, checkpoint_dir: str) -> list[str]:
+    """Copies an HF directory's processor files into `checkpoint_dir`/PROCESSOR_DIR; returns their names."""
+    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if names:
+        os.makedirs(os.path.join(checkpoint_dir, PROCESSOR_DIR), exist_ok=True)
+    for name in names:
+        shutil.copy(os.path.join(hf_dir, name), os.path.join(checkpoint_dir, PROCESSOR_DIR, name))
+    return names
+
+
+def kept_processor_dir(checkpoint_dir: str) -> str | None:
+    """The processor files `import` kept with a checkpoint (looked for in it and the folders above, up to the
+    one holding checkpoints/), or None."""
+    path = os.path.abspath(checkpoint_dir)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(path, PROCESSOR_DIR, "tokenizer.json")):
+            return os.path.join(path, PROCESSOR_DIR)
+        path = os.path.dirname(path)
+    return None
+
+
+def with_tokenizer_ids(model: ModelConfig, tokenizer: Tokenizer, template: Template
+                       ) -> tuple[ModelConfig, list[str]]:
+    """(`model` with the tokenizer's bos, pad and image ids, and as eos ids every id that ends an answer: the
+    template's stop ids, then the config's other eos ids unless they name bos/pad/image; the changes made, one
+    'field: old -> new' line each)."""
+    t = model.text
+    taken = {tokenizer.bos_id, tokenizer.pad_id, tokenizer.image_id}
+    eos = tuple(dict.fromkeys([*template.stop_ids, *(i for i in t.eos_token_id if i not in taken)]))
+    text = dataclasses.replace(t, bos_token_id=tokenizer.bos_id, eos_token_id=eos, pad_token_id=tokenizer.pad_id)
+    out = dataclasses.replace(model, text=text, image_token_index=tokenizer.image_id)
+    pairs = [(f"model.text.{f}", getattr(t, f), getattr(text, f)) for f in ("bos_token_id", "eos_token_id",
+                                                                             "pad_token_id")]
+    pairs.append(("model.image_token_index", model.image_token_index, out.image_token_index))
+    return out, [f"{name}: {old} -> {new}" for name, old, new in pairs if old != new]
+
+
+def export_repo(model: ModelConfig, data: DataConfig, params, out_dir: str, tokenizer: Tokenizer,
+                dtype: str = "float32", hf_config_base: dict | None = None, kept_dir: str | None = None) -> list[str]:
+    """A complete HF model repo in `out_dir`: weights, config.json and generation_config.json with the tokenizer's
+    ids, and the processor (`write_processor`). Returns the config ids the tokenizer replaced (`with_tokenizer_ids`)."""
+    model, changes = with_tokenizer_ids(model, tokenizer, get_template(data.template, tokenizer))
+    to_hf(build_model(model), params, out_dir, dtype=dtype, hf_config_base=hf_config_base)
+    write_processor(out_dir, model, data, tokenizer, kept_dir)
+    return changes
+
+
+def write_processor(out_dir: str, model: ModelConfig, data: DataConfig, tokenizer: Tokenizer,
+                    kept_dir: str | None = None):
+    """Writes tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json,
+    chat_template.json, preprocessor_config.json and processor_config.json into `out_dir`, in the layout
+    transformers 4.x writes (5.x reads it too). With `kept_dir` (the files an imported checkpoint came with)
+    those are copied instead."""
+    if kept_dir:
+        for name in PROCESSOR_FILES:
+            if os.path.isfile(os.path.join(kept_dir, name)):
+                shutil.copy(os.path.join(kept_dir, name), out_dir)
+        return
+    family = get_family(model)
+    module = family_module(model)
+    if not hasattr(module, "hf_processor"):
+        raise ConversionError(f"model.family '{family.name}' has no Hugging Face processor; export the weights "
+                              "alone or add hf_processor to its conversion module")
+    processor_class, (image_class, image_settings), extra = module.hf_processor(model, family.input_spec(model),
+                                                                                data.image)
+    template = get_template(data.template, tokenizer)
+    chat_template = template.chat_template()
+    image = tokenizer.id_to_token(tokenizer.image_id)
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": tokenizer.id_to_token(tokenizer.pad_id)}
+    tokenizer.to_tokenizers().save(os.path.join(out_dir, "tokenizer.json"))
+    files = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", **specials, "image_token": image,
+            "extra_special_tokens": {"image_token": image}, "chat_template": chat_template,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": model.text.max_position_embeddings, "processor_class": processor_class},
+        "special_tokens_map.json": specials,
+        "chat_template.json": {"chat_template": chat_template},
+        "preprocessor_config.json": {"image_processor_type": image_class, "processor_class": processor_class,
+                                     **image_settings},
+        "processor_config.json": {"processor_class": processor_class, **extra},
+    }
+    for name, content in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
