@@ -40,7 +40,7 @@ def cmd_export(args):
     import shutil
 
     from vlm_jax.convert import to_hf
-    from vlm_jax.convert.processor import export_repo, kept_processor_dir
+    from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
     from vlm_jax.infer.answer import tokenizer_path
@@ -51,20 +51,27 @@ def cmd_export(args):
         raise_user(f"{args.out}: output directory is not empty; choose a new --out (nothing is overwritten)")
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
-    tokenizer_file, looked_at = (kept, [kept]) if kept else tokenizer_path(config, args.checkpoint, args.tokenizer)
+    tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
     params = checkpoint.restore_params(args.checkpoint)
-    if not tokenizer_file:
-        print(f"WARNING: no tokenizer found (looked at {', '.join(looked_at)}): exporting weights and config.json "
-              "only, with the config's token ids; pass --tokenizer PATH for a complete model repo", file=sys.stderr)
+    if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
         to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
-    else:
-        changes = export_repo(config.model, config.data, params, args.out, load_tokenizer(tokenizer_file), args.dtype,
-                              hf_config, kept)
+        copy_processor_files(kept, args.out)
+        tokenizer_file = kept
+    elif tokenizer_file and has_processor(config.model):
+        changes = export_repo(config.model, config.data, params, args.out, load_tokenizer(tokenizer_file),
+                              args.dtype, hf_config)
         for change in changes:
             print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
                   "tokenizer's ids)")
         if tokenizer_file.endswith(".model"):
             shutil.copy(tokenizer_file, os.path.join(args.out, "tokenizer.model"))  # the sentencepiece original
+    else:
+        why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)" if not tokenizer_file
+               else f"model.family '{config.model.family}' has no Hugging Face processor description")
+        print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
+              "token ids", file=sys.stderr)
+        tokenizer_file = None
+        to_hf(build_model(config.model), params, args.out, dtype=args.dtype, hf_config_base=hf_config)
     print(f"exported step {step} of {args.checkpoint} -> {os.path.abspath(args.out)}"
           + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 

@@ -24,14 +24,20 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROCESSOR_DIR = "hf_processor"
 
 
-def keep_processor_files(hf_dir: str, checkpoint_dir: str) -> list[str]:
-    """Copies an HF directory's processor files into `checkpoint_dir`/PROCESSOR_DIR; returns their names."""
-    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+def copy_processor_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copies the processor files of `src_dir` (an HF directory, or the ones `import` kept) into `out_dir`;
+    returns their names."""
+    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src_dir, n))]
     if names:
-        os.makedirs(os.path.join(checkpoint_dir, PROCESSOR_DIR), exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
     for name in names:
-        shutil.copy(os.path.join(hf_dir, name), os.path.join(checkpoint_dir, PROCESSOR_DIR, name))
+        shutil.copy(os.path.join(src_dir, name), os.path.join(out_dir, name))
     return names
+
+
+def keep_processor_files(hf_dir: str, checkpoint_dir: str) -> list[str]:
+    """`import`: the HF directory's processor files, kept in `checkpoint_dir`/PROCESSOR_DIR for `export`."""
+    return copy_processor_files(hf_dir, os.path.join(checkpoint_dir, PROCESSOR_DIR))
 
 
 def kept_processor_dir(checkpoint_dir: str) -> str | None:
@@ -39,7 +45,7 @@ def kept_processor_dir(checkpoint_dir: str) -> str | None:
     one holding checkpoints/), or None."""
     path = os.path.abspath(checkpoint_dir)
     for _ in range(3):
-        if os.path.isfile(os.path.join(path, PROCESSOR_DIR, "tokenizer.json")):
+        if os.path.isdir(os.path.join(path, PROCESSOR_DIR)):
             return os.path.join(path, PROCESSOR_DIR)
         path = os.path.dirname(path)
     return None
@@ -61,27 +67,26 @@ def with_tokenizer_ids(model: ModelConfig, tokenizer: Tokenizer, template: Templ
     return out, [f"{name}: {old} -> {new}" for name, old, new in pairs if old != new]
 
 
+def has_processor(model: ModelConfig) -> bool:
+    """Whether the family's conversion module describes its HF processor (`hf_processor`)."""
+    return hasattr(family_module(model), "hf_processor")
+
+
 def export_repo(model: ModelConfig, data: DataConfig, params, out_dir: str, tokenizer: Tokenizer,
-                dtype: str = "float32", hf_config_base: dict | None = None, kept_dir: str | None = None) -> list[str]:
+                dtype: str = "float32", hf_config_base: dict | None = None) -> list[str]:
     """A complete HF model repo in `out_dir`: weights, config.json and generation_config.json with the tokenizer's
-    ids, and the processor (`write_processor`). Returns the config ids the tokenizer replaced (`with_tokenizer_ids`)."""
+    ids, and the processor (`write_processor`). Returns the config ids the tokenizer replaced (`with_tokenizer_ids`).
+    The family must have a processor (`has_processor`)."""
     model, changes = with_tokenizer_ids(model, tokenizer, get_template(data.template, tokenizer))
     to_hf(build_model(model), params, out_dir, dtype=dtype, hf_config_base=hf_config_base)
-    write_processor(out_dir, model, data, tokenizer, kept_dir)
+    write_processor(out_dir, model, data, tokenizer)
     return changes
 
 
-def write_processor(out_dir: str, model: ModelConfig, data: DataConfig, tokenizer: Tokenizer,
-                    kept_dir: str | None = None):
+def write_processor(out_dir: str, model: ModelConfig, data: DataConfig, tokenizer: Tokenizer):
     """Writes tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json,
     chat_template.json, preprocessor_config.json and processor_config.json into `out_dir`, in the layout
-    transformers 4.x writes (5.x reads it too). With `kept_dir` (the files an imported checkpoint came with)
-    those are copied instead."""
-    if kept_dir:
-        for name in PROCESSOR_FILES:
-            if os.path.isfile(os.path.join(kept_dir, name)):
-                shutil.copy(os.path.join(kept_dir, name), out_dir)
-        return
+    transformers 4.x writes (5.x reads it too)."""
     family = get_family(model)
     module = family_module(model)
     if not hasattr(module, "hf_processor"):
