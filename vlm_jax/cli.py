@@ -33,32 +33,53 @@ def _empty_out(out: str):
 def cmd_import(args):
     from vlm_jax.config import Config
     from vlm_jax.convert import from_hf, read_hf_config
+    from vlm_jax.convert.processor import keep_processor_files
     from vlm_jax.train import checkpoint
     out = _empty_out(args.out)
     overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
     model, params = from_hf(args.hf, **_typed(overrides))
     checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
-    print(f"imported {args.hf} -> {out} (step 0)")
+    kept = keep_processor_files(args.hf, out)  # export copies them back
+    print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
 def cmd_export(args):
     from vlm_jax.convert import to_hf
-    from vlm_jax.infer.answer import tokenizer_path
+    from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
+    from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
+    from vlm_jax.infer.answer import tokenizer_path
     from vlm_jax.paths import user_path, write_atomic
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
     out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
+    kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
+    tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
     params = checkpoint.restore_params(args.checkpoint)
-    to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
-    found, _ = tokenizer_path(config, args.checkpoint)
-    tokenizer = user_path(found, "tokenizer") if found else None
-    if tokenizer and tokenizer.is_file():  # the run's own sentencepiece model travels with the weights
-        write_atomic(out / tokenizer.name, tokenizer.read_bytes())
+    if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
+        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+        copy_processor_files(kept, out)
+        tokenizer_file = kept
+    elif tokenizer_file and has_processor(config.model):
+        changes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
+                              args.dtype, hf_config)
+        for change in changes:
+            print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
+                  "tokenizer's ids)")
+        original = user_path(tokenizer_file, "tokenizer")
+        if original.is_file() and original.suffix == ".model":  # the sentencepiece original
+            write_atomic(out / "tokenizer.model", original.read_bytes())
+    else:
+        why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)" if not tokenizer_file
+               else f"model.family '{config.model.family}' has no Hugging Face processor description")
+        print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
+              "token ids", file=sys.stderr)
+        tokenizer_file = None
+        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
     print(f"exported step {step} of {args.checkpoint} -> {out}"
-          + (f" (with {tokenizer.name})" if tokenizer and tokenizer.is_file() else ""))
+          + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 
 
 def cmd_train(args):
@@ -163,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", default="hf")
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
+                                                    "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)
 
     trn = sub.add_parser("train", help="train (or resume, when workdir holds a checkpoint)")

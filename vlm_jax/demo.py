@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from vlm_jax.config import load_config
-from vlm_jax.convert import to_hf
+from vlm_jax.convert.processor import export_repo
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.evaluate import SourceResult, evaluate_records, read_records, results_table, source_label
 from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
@@ -109,7 +109,8 @@ def main(argv: list[str]) -> int:
     hf_dir = workdir / "hf"
     if is_nonempty(hf_dir):  # the previous run's export
         hf_dir.rmtree()
-    to_hf(trainer.model, params, hf_dir)
+    for change in export_repo(cfg.model, cfg.data, params, hf_dir, trainer.data.tokenizer):
+        print(f"note: {change} (the config disagrees with the tokenizer; the export has the tokenizer's ids)")
     write_atomic(hf_dir / "tokenizer.model", (workdir / "tokenizer.model").read_bytes())
     print(f"exported to Hugging Face format: {hf_dir}")
 

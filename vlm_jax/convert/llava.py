@@ -4,10 +4,11 @@ Exports the 4.x on-disk layout (`vision_tower.vision_model.*`, `language_model.m
 5.x one (`vision_tower.*` without `vision_model.`) and the in-memory `model.`-prefixed names."""
 from __future__ import annotations
 
-from vlm_jax.config import ModelConfig, load_model_config
+from vlm_jax.config import ImageConfig, ModelConfig, load_model_config
 from vlm_jax.convert import llama
 from vlm_jax.convert.keymap import COPY, LINEAR, Rule, Stack
 from vlm_jax.convert.vit import encoder_stack, vit_from_hf, vit_rules, vit_to_hf
+from vlm_jax.data.spec import InputSpec
 from vlm_jax.errors import ConversionError
 
 MODEL_TYPE = "llava"
@@ -88,3 +89,19 @@ def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict
 
 
 generation_config = llama.generation_config
+
+
+def hf_processor(cfg: ModelConfig, spec: InputSpec, image: ImageConfig):
+    """(processor class, (image processor class, its settings), processor_config.json fields) preparing images as
+    the `resize` op does (shortest edge bicubic, centred crop, rescale, normalise); LlavaProcessor expands each image
+    token to the tower's patch count, plus its class token, minus it again under the 'default' strategy."""
+    if image.op != "resize":
+        raise ConversionError(f"data.image.op '{image.op}': LLaVA's HF image processor prepares images as 'resize'")
+    v = cfg.vit
+    side = v.image_size
+    return "LlavaProcessor", ("CLIPImageProcessor", dict(
+        do_convert_rgb=True, do_resize=True, size={"shortest_edge": side}, resample=3, do_center_crop=True,
+        crop_size={"height": side, "width": side}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(spec.image_mean), image_std=list(spec.image_std))), dict(
+        patch_size=v.patch_size, vision_feature_select_strategy=cfg.connector.feature_strategy,
+        num_additional_image_tokens=1 if v.kind == "clip" else 0)

@@ -1,11 +1,12 @@
 """MllamaForConditionalGeneration <-> CrossAttentionVLM: config mapping and the key map (hf_layouts.md A)."""
 from __future__ import annotations
 
-from vlm_jax.config import MllamaVisionConfig, ModelConfig, load_model_config
+from vlm_jax.config import ImageConfig, MllamaVisionConfig, ModelConfig, load_model_config
 from vlm_jax.convert.keymap import (CONV, COPY, FC_MLP, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack,
                                     layer_norm)
 from vlm_jax.convert.llama import (TEXT_COMMON, TEXT_SELF, generation_config,  # noqa: F401 (family API)
                                    merge_config, text_from_hf, text_to_hf)
+from vlm_jax.data.spec import InputSpec
 from vlm_jax.errors import ConversionError
 from vlm_jax.models.text import layer_layout
 
@@ -178,3 +179,15 @@ def _config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
             "torch_dtype": dtype,
         },
     }
+
+
+def hf_processor(cfg: ModelConfig, spec: InputSpec, image: ImageConfig):
+    """(processor class, (image processor class, its settings), processor_config.json fields) preparing images as
+    the `mllama_tile` op does (PIL bilinear resize onto the best tile canvas, zero pad, rescale, normalise)."""
+    if image.op != "mllama_tile":
+        raise ConversionError(f"data.image.op '{image.op}': Mllama's HF image processor tiles as 'mllama_tile'")
+    tile = cfg.vision.image_size
+    return "MllamaProcessor", ("MllamaImageProcessor", dict(
+        do_convert_rgb=True, do_resize=True, size={"height": tile, "width": tile}, resample=2, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+        do_pad=True, max_image_tiles=cfg.vision.max_num_tiles)), {}

@@ -6,7 +6,9 @@ rendered string with special-token splitting, which is what HF processors do.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+
 import numpy as np
 
 from vlm_jax.data import tokenizer as tok
@@ -43,6 +45,27 @@ class Template:
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end generation."""
         return tuple(self.end_of_turn()[-1:]) + (self.tokenizer.eos_id,)
+
+    def chat_template(self) -> str:
+        """This template as a Hugging Face (Jinja) chat template: tokenizing its rendering, special tokens split
+        out, gives exactly the ids of `encode` (with add_generation_prompt alike). A message's content is a
+        string (`<image>` or `<|image|>` mark images) or a list of {"type": "image"} / {"type": "text"} items."""
+        literal = lambda ids: json.dumps(self.tokenizer.decode(ids))  # noqa: E731 (a Jinja string literal)
+        image = literal([self.image_id])
+        headers = ", ".join(f"{json.dumps(role)}: {literal(self.header(role))}" for role in ROLES)
+        return (
+            f"{{%- set headers = {{{headers}}} -%}}{{{{ {literal(self.begin())} }}}}"
+            "{%- for message in messages -%}"
+            "{%- if message.role not in headers -%}{{ raise_exception('unknown role ' + message.role) }}{%- endif -%}"
+            "{%- if message.content is string -%}"
+            f"{{%- set text = message.content | replace({json.dumps(IMAGE_PLACEHOLDER)}, {image}) -%}}"
+            "{%- else -%}{%- set ns = namespace(text='') -%}{%- for item in message.content -%}"
+            f"{{%- if item.type == 'image' -%}}{{%- set ns.text = ns.text + {image} -%}}"
+            "{%- elif item.type == 'text' -%}{%- set ns.text = ns.text + item.text -%}{%- endif -%}"
+            "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
+            f"{{{{ headers[message.role] + (text | trim) + {literal(self.end_of_turn())} }}}}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ headers['assistant'] }}}}{{%- endif -%}}")
 
     def encode_text(self, text: str) -> list[int]:
         """Text with `<image>` placeholders -> ids with the image token in their place."""

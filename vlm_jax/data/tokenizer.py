@@ -52,6 +52,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         raise NotImplementedError
 
+    def to_tokenizers(self):
+        """The same tokenizer as a `tokenizers.Tokenizer` (what an HF tokenizer.json holds): equal ids for every
+        text, special tokens as single ids, nothing added around the ids."""
+        raise NotImplementedError
+
     def special_id(self, token: str) -> int:
         """Id of a special token the caller cannot work without; one-line error if absent."""
         token_id = self.token_to_id(token)
@@ -104,6 +109,37 @@ class SentencePieceTokenizer(Tokenizer):
         """Writes the model file (local or gs://) through a temporary name."""
         write_atomic(user_path(path, "tokenizer"), self._init_kwargs["model_proto"])
 
+    def to_tokenizers(self):
+        """BPE models as train_sentencepiece writes them (no dummy prefix, whitespace kept, digits split)."""
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Tokenizer as _Tokenizer, decoders, models, normalizers, pre_tokenizers
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._init_kwargs["model_proto"])
+        trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+        supported = (trainer.model_type == trainer.BPE and not normalizer.add_dummy_prefix
+                     and not normalizer.remove_extra_whitespaces and trainer.split_by_whitespace)
+        if not supported:
+            raise ValueError(f"{self}: only BPE sentencepiece models trained by train_sentencepiece convert to "
+                             "tokenizer.json; export with the checkpoint's own tokenizer.json")
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        special = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.USER_DEFINED)]
+        learned = [piece for piece in vocab if piece not in special]
+        # sentencepiece BPE applies the merge whose result scores highest (the earliest piece) first.
+        ordinary = set(learned)
+        merges = [(piece[:k], piece[k:]) for piece in learned for k in range(1, len(piece))
+                  if piece[:k] in ordinary and piece[k:] in ordinary]
+        merges.sort(key=lambda m: vocab[m[0] + m[1]])
+        backend = _Tokenizer(models.BPE(vocab, merges, unk_token=proto.pieces[trainer.unk_id].piece, fuse_unk=True,
+                                        byte_fallback=trainer.byte_fallback))
+        if normalizer.precompiled_charsmap:
+            backend.normalizer = normalizers.Precompiled(normalizer.precompiled_charsmap)
+        splits = [pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)]
+        if trainer.split_digits:
+            splits.append(pre_tokenizers.Digits(individual_digits=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+        return backend
+
 
 class HFTokenizer(Tokenizer):
     """A `tokenizers` JSON file, e.g. the tokenizer.json shipped with a Llama 3.2 Vision checkpoint."""
@@ -125,6 +161,10 @@ class HFTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(int(token_id))
+
+    def to_tokenizers(self):
+        from tokenizers import Tokenizer as _Tokenizer
+        return _Tokenizer.from_str(self._init_kwargs["tokenizer_json"])
 
 
 def load_tokenizer(path) -> Tokenizer:

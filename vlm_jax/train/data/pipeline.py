@@ -31,6 +31,7 @@ class PipelineData(StagedSourcesData):
             raise ConfigError(f"model.image_token_index ({model.image_token_index}) must equal the <|image|> id "
                               f"({self.tokenizer.image_id}) of the tokenizer {where}; set "
                               f"model.image_token_index={self.tokenizer.image_id}")
+        self._check_token_ids(model, where)
         if self.tokenizer.vocab_size > model.text.vocab_size:
             raise ConfigError(f"the tokenizer {where} has {self.tokenizer.vocab_size} tokens, more than "
                               f"model.text.vocab_size ({model.text.vocab_size}); use a smaller tokenizer or model")
@@ -43,6 +44,18 @@ class PipelineData(StagedSourcesData):
             if rows % micro:
                 raise ConfigError(f"train.microbatches ({micro}) must divide the global batch {rows} "
                                   f"(data.shapes.batch_size {data.shapes.batch_size} x {self.process_count} processes)")
+
+    def _check_token_ids(self, model, where: str):
+        """The config's special ids are the tokenizer's: export writes them, and HF `generate` stops on them."""
+        tok, t = self.tokenizer, model.text
+        for field, ours, theirs in (("bos_token_id", t.bos_token_id, tok.bos_id),
+                                    ("pad_token_id", t.pad_token_id, tok.pad_id)):
+            if ours != theirs:
+                raise ConfigError(f"model.text.{field} ({ours}) must equal the tokenizer's ({theirs}, {where}); "
+                                  f"set model.text.{field}={theirs}")
+        if tok.eos_id not in t.eos_token_id:
+            raise ConfigError(f"model.text.eos_token_id ({list(t.eos_token_id)}) must contain the tokenizer's eos id "
+                              f"({tok.eos_id}, {where}); set model.text.eos_token_id=[{tok.eos_id}]")
 
     def _tokenizer(self):
         if self.cfg.data.tokenizer:
