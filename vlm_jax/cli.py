@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--config", required=True)
     pln.add_argument("--topology", required=True, help="a slice name: v5p-64, v5e-256, v6e-64, v4-128, ...")
     pln.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for step time")
-    pln.add_argument("--stage", nargs="*", help="plan only these recipe stages (default: every stage)")
+    pln.add_argument("--stage", action="append", help="plan only this recipe stage; repeat for several "
+                                                      "(default: every stage)")
     pln.add_argument("--json", default="", help="also write every stage's figures to this JSON file")
     pln.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     pln.set_defaults(func=cmd_plan)
