@@ -79,3 +79,6 @@ def test_stage_data_overrides_are_typed_and_no_data_is_refused(tmp_path):
         tiny_config(tmp_path, *DATA, "train.stages=[{name: a, steps: 2, data: {shapes: {seq_lenn: 16}}}]")
     with pytest.raises(ConfigError, match="microbatches"):
         Trainer(tiny_config(tmp_path, *DATA, "train.steps=2", "train.microbatches=3", "train.batch_size=9"), echo=lambda _: None)
+    # Checked against the batch that is used: data.shapes.batch_size (6) here, not the unused train.batch_size (8).
+    Trainer(tiny_config(tmp_path, *DATA, "train.steps=2", "train.microbatches=3", "data.shapes.batch_size=6"),
+            echo=lambda _: None)

@@ -83,7 +83,8 @@ def test_train_cli_user_errors_are_one_line(capsys, tmp_path):
     from vlm_jax.cli import main
     assert main(["train", "--config", TINY, "train.steps=1"]) == 2
     assert main(["train", "--config", TINY, f"workdir={tmp_path}"]) == 2
-    assert main(["train", "--config", TINY, f"workdir={tmp_path}", "train.steps=1", "train.microbatches=3"]) == 2
+    assert main(["train", "--config", TINY, f"workdir={tmp_path}", "train.steps=1", "train.microbatches=3",
+                 "train.synthetic.enabled=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vlm-jax train: error: workdir is not set; pass workdir=DIR (checkpoints and metrics go there)",
                    "vlm-jax train: error: train.steps must be positive (or give train.stages); e.g. train.steps=100",

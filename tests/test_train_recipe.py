@@ -25,6 +25,14 @@ def test_tiny_recipe_freezes_resets_and_checkpoints(tmp_path):
     assert sorted(result.losses) == list(range(1, 15))
     assert {4, 6, 8, 10, 12, 14} == {int(d) for d in os.listdir(tmp_path / "checkpoints")}
     assert any("stage 'anneal' (step 6): fresh optimizer state" in m for m in messages)
+    # Quiet by default: one line per stage (no per-parameter table), and each stage's compile announced and timed.
+    assert sum(m.startswith("stage '") and "trainable" in m for m in messages) == 3
+    assert not any(m.startswith("parameter ") for m in messages)
+    assert sum(m.startswith("compiling the train step of stage") for m in messages) == 3
+    assert sum(m.startswith("compiled and ran the first step in") for m in messages) == 3
+    again = []
+    Trainer(cfg, echo=again.append).run()
+    assert any("nothing to train: the run is at step 14 and the config ends at step 14" in m for m in again)
     assert np.all(np.isfinite(list(result.losses.values())))
 
     pretrain = trainer.plan(trainer.stages[0])

@@ -160,13 +160,14 @@ class Trainer:
     # ------------------------------------------------------------------------------- loop
 
     def describe(self, plan: StagePlan):
-        table = sharding.sharding_table(self.abstract_boxed, self.mesh, self.rules,
-                                        {p: p in plan.trainable for p in opt.flatten(self.abstract_params)})
+        """One line per stage; every parameter's sharding with train.log.sharding_table."""
         flat = opt.flatten(self.abstract_params)
         n_train = sum(v.size for k, v in flat.items() if k in plan.trainable)
         n_frozen = sum(v.size for k, v in flat.items() if k not in plan.trainable)
         opt_bytes = opt.tree_bytes(plan.abstract_opt_state(self.abstract_params))
-        self.echo(table)
+        if self.cfg.train.log.sharding_table:
+            self.echo(sharding.sharding_table(self.abstract_boxed, self.mesh, self.rules,
+                                              {p: p in plan.trainable for p in flat}))
         self.echo(f"stage '{plan.stage.name}': {n_train:,} trainable / {n_frozen:,} frozen parameters; "
                   f"optimizer state {opt_bytes / 2**20:.2f} MiB (frozen parameters hold none); "
                   f"mesh {dict(self.mesh.shape)}")
@@ -211,6 +212,9 @@ class Trainer:
         self.echo(f"MFU against {peak.source}" + (f": {peak.flops / 1e12:.3g} TFLOP/s per device" if peak.flops else ""))
         result = RunResult(state)
         step = int(state.step)
+        if step >= self.end:
+            self.echo(f"nothing to train: the run is at step {step} and the config ends at step {self.end}; raise "
+                      "train.steps (or add stages) to train further")
         while step < self.end:
             stage = stage_at(self.stages, step)
             plan = self.plan(stage)
@@ -241,10 +245,14 @@ class Trainer:
         stage_end, timed, last, first_call = min(stage.end, self.end), [], time.perf_counter(), True
         while step < stage_end:
             batch = self.place(next(source))
+            if first_call:
+                self.echo(f"compiling the train step of stage '{stage.name}' ...")
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)  # a sync per step: the NaN/Inf streak is checked at once
             step, elapsed = step + 1, time.perf_counter() - last
-            if not first_call:  # the first call also compiles
+            if first_call:  # its time (compile included) is left out of step times and ETAs
+                self.echo(f"compiled and ran the first step in {elapsed:.1f} s")
+            else:
                 timed.append(elapsed)
             first_call = False
             result.losses[step] = float(metrics["loss"])

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from vlm_jax import sharding
+from vlm_jax.errors import ConfigError
 from vlm_jax.registry import TRAIN_DATA
 from vlm_jax.train.data.base import SeededStream, TrainData
 
@@ -39,6 +40,9 @@ class SyntheticData(TrainData):
     def __init__(self, cfg, stages, family, echo=print):
         self.cfg, self.family = cfg, family
         self.stages = {s.index: s for s in stages}
+        if cfg.train.batch_size % cfg.train.microbatches:  # the pipeline checks its own (data.shapes) batch
+            raise ConfigError(f"train.microbatches ({cfg.train.microbatches}) must divide train.batch_size "
+                              f"({cfg.train.batch_size})")
         for stage in stages:  # the family's own checks (e.g. tile counts) fail here, before anything is built
             self.example_batch(stage.index)
 
