@@ -10,7 +10,7 @@ import jax
 
 from vlm_jax.config import ModelConfig
 from vlm_jax.data.spec import InputSpec
-from vlm_jax.errors import ConversionError
+from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.families.base import Family, register_family, synthetic_text
 from vlm_jax.families import contrastive, mllama, unified  # noqa: F401  (they register the built-in families)
 from vlm_jax.registry import FAMILIES
@@ -18,6 +18,15 @@ from vlm_jax.registry import FAMILIES
 
 def get_family(m: ModelConfig) -> Family:
     return FAMILIES.get(m.family, "model.family")
+
+
+def generating_family(m: ModelConfig, what: str) -> Family:
+    """The family of `m` when it generates; else one line saying that `what` needs one that does."""
+    family = get_family(m)
+    if family.generation_inputs is None:
+        raise ConfigError(f"{what} needs a model family that generates; model.family '{family.name}' does not yet "
+                          "(mllama does)")
+    return family
 
 
 def build_model(m: ModelConfig, decode: bool = False) -> nn.Module:
@@ -57,5 +66,5 @@ def family_for_hf(model_type: str, where: str) -> Family:
     return found[0]
 
 
-__all__ = ["Family", "register_family", "synthetic_text", "get_family", "build_model", "example_inputs",
+__all__ = ["Family", "register_family", "synthetic_text", "get_family", "generating_family", "build_model", "example_inputs",
            "init_params", "abstract_params", "model_inputs", "input_spec", "family_for_hf"]

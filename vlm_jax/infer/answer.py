@@ -12,7 +12,7 @@ from vlm_jax.config import DataConfig
 from vlm_jax.data import ExamplePreparer, collate, get_template, load_tokenizer
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import UserError
-from vlm_jax.families import get_family
+from vlm_jax.families import generating_family
 from vlm_jax.infer.generate import Sampling, generate
 from vlm_jax.paths import user_path
 from vlm_jax.train import checkpoint
@@ -40,10 +40,7 @@ class Answerer:
     def __init__(self, model, params, tokenizer, data: DataConfig, batch_size: int = 32, max_new_tokens: int = 8,
                  sampling: Sampling | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.family = get_family(model.config)
-        if self.family.generation_inputs is None:
-            raise UserError(f"model.family '{self.family.name}' does not generate yet; generation, eval and answer "
-                            "accuracy need a family with generation support (e.g. mllama)")
+        self.family = generating_family(model.config, "answering questions")
         self.spec = self.family.input_spec(model.config)
         self.template = get_template(data.template, tokenizer)
         self.data, self.batch_size = data, batch_size
@@ -120,10 +117,6 @@ def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | 
     """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
     image op, shapes) are the run's own unless `data` is given."""
     config, _, _ = checkpoint.read_meta(checkpoint_path)
-    family = get_family(config.model)
-    if family.generation_inputs is None:
-        raise UserError(f"{checkpoint_path}: model.family '{family.name}' does not generate yet; generation "
-                        "supports families with generation support (e.g. mllama)")
-    model = family.build(config.model)
+    model = generating_family(config.model, f"generating from {checkpoint_path}").build(config.model)
     return Answerer(model, checkpoint.restore_params(checkpoint_path),
                     find_tokenizer(config, checkpoint_path, tokenizer), data or config.data, **kwargs)

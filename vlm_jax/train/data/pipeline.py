@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from vlm_jax.data import build_pipeline, collate, load_tokenizer, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import ConfigError
+from vlm_jax.families import generating_family
 from vlm_jax.paths import user_path
 from vlm_jax.registry import TRAIN_DATA
 from vlm_jax.train.data.base import StagedSourcesData
@@ -35,9 +36,8 @@ class PipelineData(StagedSourcesData):
         if self.tokenizer.vocab_size > model.text.vocab_size:
             raise ConfigError(f"the tokenizer {where} has {self.tokenizer.vocab_size} tokens, more than "
                               f"model.text.vocab_size ({model.text.vocab_size}); use a smaller tokenizer or model")
-        if cfg.train.eval_examples and family.generation_inputs is None:
-            raise ConfigError(f"train.eval_examples (greedy-answer accuracy) needs a family that generates; "
-                              f"'{family.name}' does not: set train.eval_examples=0")
+        if cfg.train.eval_examples:
+            generating_family(cfg.model, "train.eval_examples (greedy-answer accuracy; 0 turns it off)")
         micro = cfg.train.microbatches
         for index, data in self.configs.items():
             rows = self.global_batch(index)
