@@ -8,6 +8,9 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.config import load_config, stage_data_config
 from vlm_jax.data import load_tokenizer
 from vlm_jax.errors import ConfigError
+from vlm_jax.families import get_family
+from vlm_jax.train.data import open_train_data
+from vlm_jax.train.recipe import resolve_stages
 from vlm_jax.train.loop import Trainer
 from train_helpers import (TINY, check_learning_run, check_resume_matches_reference,
                            compilation_cache, data_iter, reference_run, tiny_config)  # noqa: F401 (fixture)
@@ -82,3 +85,28 @@ def test_stage_data_overrides_are_typed_and_no_data_is_refused(tmp_path):
     # Checked against the batch that is used: data.shapes.batch_size (6) here, not the unused train.batch_size (8).
     Trainer(tiny_config(tmp_path, *DATA, "train.steps=2", "train.microbatches=3", "data.shapes.batch_size=6"),
             echo=lambda _: None)
+
+
+def test_absent_data_mix_fails_fast_and_plans_need_only_shapes(tmp_path, capsys):
+    """A recipe names its data by path; an absent one is one line before the model is built, while `plan` needs
+    only the shapes, computed for the slice's hosts."""
+    missing = tmp_path / "sft.jsonl"
+    stages = (f"train.stages=[{{name: a, steps: 1}}, {{name: b, steps: 1, data: {{sources: [{{kind: jsonl, "
+              f"name: sft, path: {missing}}}]}}}}]")
+    rc = cli_main(["train", "--config", TINY, f"workdir={tmp_path / 'run'}", *DATA, stages])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"train.stages[1].data.sources[0] (jsonl 'sft'): {missing} does not exist" in err
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+    recipe = os.path.join(os.path.dirname(TINY), "..", "recipes", "llama3v.yaml")
+    cfg = load_config(recipe)
+    assert not cfg.train.synthetic.enabled and all(s.kind == "jsonl" for s in cfg.data.sources)
+    family = get_family(cfg.model)
+    stages = resolve_stages(cfg.train)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\] \(jsonl 'pretrain_pairs'\): .* does not exist"):
+        open_train_data(load_config(recipe, [f"data.sources=[{{kind: jsonl, name: pretrain_pairs, "
+                                             f"path: {missing}}}]"]), stages, family)
+    planned = open_train_data(cfg, stages, family, hosts=8)  # no tokenizer, no data on this machine
+    assert [planned.global_batch(s.index) for s in stages] == [256, 256, 256]
+    assert planned.example_batch(0)["input_ids"].shape == (32, 2048)

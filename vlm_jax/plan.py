@@ -153,7 +153,8 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
     if unknown:
         raise ConfigError(f"--stage {unknown[0]}: no such stage; the config's stages are "
                           f"{', '.join(st.name for st in all_stages)}")
-    data = open_train_data(cfg, all_stages, get_family(cfg.model), echo)
+    # The shapes the slice's hosts would read; the data itself need not be on the planning machine.
+    data = open_train_data(cfg, all_stages, get_family(cfg.model), echo, hosts=len({d.process_index for d in devices}))
     stages = [st for st in all_stages if not stage_names or st.name in stage_names]
     echo(f"plan for {s.name}: {s.topology}, {s.num_chips} chips, {len(devices)} devices, "
          f"{s.chip.hbm_bytes / GiB:.0f} GiB HBM and {s.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip")

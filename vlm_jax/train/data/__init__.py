@@ -10,11 +10,11 @@ from vlm_jax.train.data import contrastive, pipeline, synthetic  # noqa: F401  (
 SYNTHETIC = "synthetic"
 
 
-def open_train_data(cfg, stages, family, echo=print) -> TrainData:
+def open_train_data(cfg, stages, family, echo=print, hosts: int | None = None) -> TrainData:
     """Generated batches when train.synthetic.enabled, else the family's reader of data.sources
-    (`Family.train_data`)."""
+    (`Family.train_data`). `hosts`: plan for that many hosts (batch shapes only; see base.py)."""
     kind = SYNTHETIC if cfg.train.synthetic.enabled else family.train_data
-    return TRAIN_DATA.get(kind, f"model.family '{family.name}' train_data")(cfg, stages, family, echo)
+    return TRAIN_DATA.get(kind, f"model.family '{family.name}' train_data")(cfg, stages, family, echo, hosts)
 
 
 __all__ = ["TrainData", "StagedSourcesData", "SeededStream", "open_train_data"]

@@ -1,7 +1,9 @@
 """The one data protocol the trainer reads, whatever produces the batches (`TrainData`).
 
 An implementation is registered by kind (`@TRAIN_DATA.register("pipeline")`) and built as
-`cls(cfg, stages, family, echo)`: the family's `train_data` kind, or "synthetic" when train.synthetic.enabled. Batches are
+`cls(cfg, stages, family, echo, hosts)`: the family's `train_data` kind, or "synthetic" when train.synthetic.enabled.
+`hosts=None` is a run (this job's processes, reading the data); `hosts=N` is a plan for N hosts, which needs only
+the batch shapes, so the data need not exist on the planning machine. Batches are
 host-local numpy dicts: the model's inputs plus what the objective reads (`loss_mask`, ...). The trainer
 saves `state(iterator)` as the `data_iter` checkpoint item {"stage", "iter"} and hands it back to `iterator`.
 """
@@ -14,6 +16,7 @@ import numpy as np
 
 from vlm_jax import sharding
 from vlm_jax.config import stage_data_config
+from vlm_jax.data.sources import check_present
 from vlm_jax.errors import ConfigError
 
 
@@ -59,9 +62,10 @@ class StagedSourcesData(TrainData):
     """Data read from `data.sources`, with each stage's overrides merged in; one global batch is
     data.shapes.batch_size rows from each process."""
 
-    def __init__(self, cfg, stages, family, echo=print):
+    def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):
         self.cfg, self.family, self.echo = cfg, family, echo
-        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.reads = hosts is None
+        self.process_index, self.process_count = (jax.process_index(), jax.process_count()) if self.reads else (0, hosts)
         if not cfg.data.sources:
             raise ConfigError(f"data.sources is empty; list the training sources (e.g. data.sources='[{{kind: "
                               f"embedded, name: digits_qa}}]') or set train.synthetic.enabled=true for generated batches")
@@ -71,6 +75,10 @@ class StagedSourcesData(TrainData):
                 where = "data" if index == 0 else f"train.stages[{index}].data"
                 raise ConfigError(f"train.eval_every is set but {where}.eval_sources is empty; list held-out "
                                   "sources (e.g. the embedded task's split: test) or set train.eval_every=0")
+            if self.reads:  # a missing data mix stops here, before the model is built, not steps later
+                for kind, sources in (("sources", data.sources), ("eval_sources", data.eval_sources)):
+                    for i, source in enumerate(sources):
+                        check_present(source, f"{'data' if index == 0 else f'train.stages[{index}].data'}.{kind}[{i}]")
 
     def data(self, stage: int):
         return self.configs[stage]

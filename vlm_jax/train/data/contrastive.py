@@ -133,11 +133,11 @@ class ContrastiveData(StagedSourcesData):
     """(image, caption) pairs of embedded tasks for a dual encoder: per-stage data configs, the training stream,
     the example batch the step compiles for, held-out loss batches and retrieval metrics."""
 
-    def __init__(self, cfg, stages, family, echo=print):
+    def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):
         if cfg.model.vit is None or cfg.model.text_encoder is None:
             raise ConfigError(f"contrastive training data is for a dual encoder (model.vit and model.text_encoder); "
                               f"model.family '{cfg.model.family}' is not one")
-        super().__init__(cfg, stages, family, echo)
+        super().__init__(cfg, stages, family, echo, hosts)
         self.model_cfg = cfg.model
         if cfg.train.microbatches != 1:
             raise ConfigError(f"train.microbatches={cfg.train.microbatches}: contrastive losses take their negatives "

@@ -23,11 +23,16 @@ from vlm_jax.train.data.base import StagedSourcesData
 
 @TRAIN_DATA.register("pipeline")
 class PipelineData(StagedSourcesData):
-    def __init__(self, cfg, stages, family, echo=print):
-        super().__init__(cfg, stages, family, echo)
+    def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):
+        super().__init__(cfg, stages, family, echo, hosts)
         self.spec = family.input_spec(cfg.model)
-        self.tokenizer, where = self._tokenizer()
         model = cfg.model
+        self.pad_id = model.text.pad_token_id  # a plan's example batch: what padding holds does not change the step
+        self._check_microbatches()
+        if not self.reads:
+            return
+        self.tokenizer, where = self._tokenizer()
+        self.pad_id = self.tokenizer.pad_id
         if self.tokenizer.image_id != model.image_token_index:
             raise ConfigError(f"model.image_token_index ({model.image_token_index}) must equal the <|image|> id "
                               f"({self.tokenizer.image_id}) of the tokenizer {where}; set "
@@ -38,7 +43,9 @@ class PipelineData(StagedSourcesData):
                               f"model.text.vocab_size ({model.text.vocab_size}); use a smaller tokenizer or model")
         if cfg.train.eval_examples:
             generating_family(cfg.model, "train.eval_examples (greedy-answer accuracy; 0 turns it off)")
-        micro = cfg.train.microbatches
+
+    def _check_microbatches(self):
+        micro = self.cfg.train.microbatches
         for index, data in self.configs.items():
             rows = self.global_batch(index)
             if rows % micro:
@@ -79,7 +86,7 @@ class PipelineData(StagedSourcesData):
 
     def example_batch(self, stage: int) -> dict[str, np.ndarray]:
         shapes = self.configs[stage].shapes
-        return collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.tokenizer.pad_id)
+        return collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.pad_id)
 
     def iterator(self, stage: int, saved: dict):
         state = self.continued_state(stage, saved)

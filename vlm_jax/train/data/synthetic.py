@@ -37,7 +37,7 @@ class SyntheticData(TrainData):
     """train.batch_size rows of each stage's train.synthetic shapes; every process generates the whole global
     batch (the same one) and keeps its devices' rows."""
 
-    def __init__(self, cfg, stages, family, echo=print):
+    def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):  # a global batch on any hosts
         self.cfg, self.family = cfg, family
         self.stages = {s.index: s for s in stages}
         if cfg.train.batch_size % cfg.train.microbatches:  # the pipeline checks its own (data.shapes) batch
