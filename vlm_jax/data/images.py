@@ -9,7 +9,8 @@ Every mode PIL opens maps to RGB by a stated rule; nothing is clipped to 0/255 o
 - 16-bit colour PNGs (RGB/RGBA/LA, 48 or 64 bits a pixel): PIL keeps each sample's high byte, at most 1/255
   below v/257 -- exactly the pixels transformers' processors see.
 - Transparency (RGBA, LA, PA, premultiplied alpha, a transparent palette entry or grey value) is composited onto
-  white, as transformers' `convert_to_rgb` does, so an exported model sees what its HF processor gives it.
+  white, as transformers' `convert_to_rgb` does, so an exported model sees what its HF processor gives it
+  (transformers' `load_image` instead drops alpha, keeping the colour under it).
 - 1-bit, L, P, CMYK (Adobe JPEGs included) and YCbCr go through PIL's conversion; colour profiles are not applied
   (nor does transformers apply them); animations give their first frame.
 - EXIF orientation is applied (`ImageOps.exif_transpose`), as transformers' `load_image` does.
