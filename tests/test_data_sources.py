@@ -28,11 +28,14 @@ def _bad_lines():
             return json.dumps({"image": f"{name}{i}.png", "text": "fine caption"}).encode()
         return write
     good_png = _png(9)
+    nan_tiff = io.BytesIO()
+    Image.fromarray(np.full((12, 16), np.nan, np.float32)).save(nan_tiff, "TIFF")
     return {
         "bad_json": (15, lambda i, folder: b'{"image": "x.png", "text": '),
         "invalid_utf8": (10, lambda i, folder: b'{"image": "g.png", "text": "caf\xe9"}'),
         "empty_text": (15, lambda i, folder: json.dumps({"image": "g.png", "text": "   "}).encode()),
-        "missing_image": (15, lambda i, folder: json.dumps({"image": f"nope{i}.png", "text": "x"}).encode()),
+        "missing_image": (10, lambda i, folder: json.dumps({"image": f"nope{i}.png", "text": "x"}).encode()),
+        "unsupported_image": (5, image_line("nan", nan_tiff.getvalue())),
         "corrupt_image": (15, image_line("noise", b"\x89PNG\r\n garbage" * 3)),
         "empty_image": (10, image_line("empty", b"")),
         "too_long": (10, lambda i, folder: json.dumps({"image": "g.png", "text": "word " * 200}).encode()),

@@ -1,12 +1,10 @@
-"""Image ops: Mllama tiling bit-parity with transformers' PIL backend, CATTY geometry, decoding."""
-import io
-
+"""Image ops: Mllama tiling bit-parity with transformers' PIL backend, CATTY geometry."""
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
-from vlm_jax.data import BadRecord, catty_tile, decode_image, get_image_op, mllama_tile
+from vlm_jax.data import catty_tile, get_image_op, mllama_tile
 from vlm_jax.data.spec import CLIP_MEAN, CLIP_STD
 from vlm_jax.data.tiling import supported_aspect_ratios
 
@@ -100,39 +98,3 @@ def test_catty_overlaps_instead_of_distorting():
     # resized to 100 x 250: windows start at 0, 75, 150 -> consecutive tiles share 25 columns
     np.testing.assert_array_equal(tiles.pixels[0][:, 75:], tiles.pixels[1][:, :25])
     np.testing.assert_array_equal(tiles.pixels[1][:, 75:], tiles.pixels[2][:, :25])
-
-
-def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def test_decode_applies_exif_orientation_and_rgb():
-    pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[:, :20] = 255  # left half white
-    image = Image.fromarray(pixels)
-    exif = image.getexif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes(), quality=95))
-    assert decoded.shape == (40, 20, 3)  # displayed upright: portrait
-    assert decoded[:15].mean() > 200 and decoded[25:].mean() < 50  # left half became the top
-    grey = decode_image(_encode(Image.fromarray(pixels[..., 0]), "PNG"))
-    assert grey.shape == (20, 40, 3) and grey.dtype == np.uint8
-    rgba = Image.fromarray(np.zeros((4, 4, 4), np.uint8))  # fully transparent -> white, as transformers
-    assert (decode_image(_encode(rgba, "PNG")) == 255).all()
-
-
-@pytest.mark.parametrize("data,reason", [(b"", "empty_image"), (b"not an image", "corrupt_image"),
-                                         ("/nonexistent/x.png", "missing_image")])
-def test_decode_failures_are_bad_records(data, reason):
-    with pytest.raises(BadRecord) as e:
-        decode_image(data)
-    assert e.value.reason == reason
-
-
-def test_decode_truncated_jpeg_is_corrupt():
-    data = _encode(Image.fromarray(skimage.data.astronaut()), "JPEG")
-    with pytest.raises(BadRecord) as e:
-        decode_image(data[:len(data) // 2])
-    assert e.value.reason == "corrupt_image"

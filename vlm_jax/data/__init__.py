@@ -10,7 +10,8 @@ from vlm_jax.data.bad_records import REASONS, BadRecord, TooManyBadRecords
 from vlm_jax.data.batching import collate
 from vlm_jax.data.cross_attention import cross_attention_mask, image_token_spans
 from vlm_jax.data.examples import ExamplePreparer
-from vlm_jax.data.image_ops import decode_image, get_image_op, register_image_op
+from vlm_jax.data.image_ops import get_image_op, register_image_op
+from vlm_jax.data.images import BadImage, decode_image
 from vlm_jax.data.pipeline import build_pipeline
 from vlm_jax.data.sources import build_source, register_source
 from vlm_jax.data.sources.embedded import EmbeddedSource, EmbeddedTask, get_task, list_tasks, task_texts

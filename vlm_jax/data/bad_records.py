@@ -12,6 +12,7 @@ REASONS = (
     "missing_image",
     "corrupt_image",  # undecodable or truncated image bytes
     "empty_image",  # zero bytes or zero pixels
+    "unsupported_image",  # decodes, but has no stated RGB meaning (e.g. negative 32-bit samples, NaN floats)
     "image_count_mismatch",  # <image> placeholders and images disagree
     "too_many_images",  # more image slots than data.shapes.max_images
     "too_long",  # longer than data.shapes.seq_len (overflow=drop), or nothing supervised survives truncation

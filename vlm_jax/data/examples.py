@@ -9,7 +9,8 @@ import numpy as np
 from vlm_jax.data.bad_records import BadRecord
 from vlm_jax.config import ImageConfig, ShapeConfig
 from vlm_jax.data.cross_attention import image_token_spans
-from vlm_jax.data.image_ops import decode_image, get_image_op
+from vlm_jax.data.image_ops import get_image_op
+from vlm_jax.data.images import decode_image
 from vlm_jax.data.spec import InputSpec
 from vlm_jax.data.templates import IMAGE_PLACEHOLDER, Template, expand_image_tokens
 

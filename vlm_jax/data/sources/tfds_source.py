@@ -13,6 +13,7 @@ import numpy as np
 
 from vlm_jax.config import SourceConfig
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.data.images import read_image_bytes
 from vlm_jax.paths import user_path
 from vlm_jax.registry import SOURCES
 from vlm_jax.data.sources.jsonl import parse_record
@@ -58,7 +59,7 @@ def _builder_class():
                         continue
                     try:
                         record = parse_record(line, root)
-                        images = [_read_bytes(p) for p in record["images"]]
+                        images = [read_image_bytes(p) for p in record["images"]]
                     except BadRecord as e:
                         self.skipped[e.reason] += 1
                         log.warning("%s:%d skipped: %s", path, line_number, e)
@@ -70,13 +71,6 @@ def _builder_class():
                     }
 
     return ImageTextBuilder
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        return user_path(path, "image").read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise BadRecord("missing_image", path) from None
 
 
 def build_tfds_dataset(name: str, splits: dict[str, str], data_dir: str, image_root: str = "") -> dict[str, int]:
