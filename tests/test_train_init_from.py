@@ -49,6 +49,7 @@ def from_hf_run(hf_mllama_dir, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # compiles and runs a train step
 def test_first_step_loss_is_the_hf_models_loss(hf_mllama_dir, from_hf_run, tmp_path):
     hf_model, _ = hf_mllama_dir
     trainer = Trainer(tiny_config(str(tmp_path), "train.steps=1", *HF_IDS), echo=lambda _: None)
@@ -63,6 +64,7 @@ def test_first_step_loss_is_the_hf_models_loss(hf_mllama_dir, from_hf_run, tmp_p
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow  # compiles and runs a train step
 def test_init_from_an_import_gives_the_same_first_loss(imported, from_hf_run, tmp_path):
     workdir = str(tmp_path / "run")
     assert _train(workdir, imported) == 0
@@ -84,6 +86,7 @@ def test_a_source_that_does_not_fit_is_refused(hf_mllama_dir, imported, tmp_path
     assert not workdir.exists()
 
 
+@pytest.mark.slow  # compiles and runs a train step
 def test_a_resumed_run_ignores_init_from(hf_mllama_dir, from_hf_run, tmp_path):
     workdir = shutil.copytree(from_hf_run, str(tmp_path / "run"))
     messages = []
