@@ -15,7 +15,7 @@ import numpy as np
 
 from vlm_jax.config import ModelConfig
 from vlm_jax.convert import safetensors_io
-from vlm_jax.convert.keymap import flatten, from_per_layer, hf_to_ours, ours_to_hf, per_layer_shapes, \
+from vlm_jax.convert.keymap import check_hf, flatten, ours_to_hf, per_layer_shapes, rule_to_ours, stack_of, \
     to_per_layer, unflatten
 from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.families import Family, abstract_params, build_model, family_for_hf, get_family
@@ -64,18 +64,70 @@ def _shapes(model) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(abstract_params(model))).items()}
 
 
+class HFWeights:
+    """The safetensors of a Hugging Face directory as the parameter tree of `cfg`: names and shapes are checked on
+    opening, from the headers alone (local files are memory-mapped, so nothing else is read yet); each leaf, or
+    each layer of a stacked leaf, is converted when asked for."""
+
+    def __init__(self, hf_dir, cfg: ModelConfig):
+        family = family_module(cfg)
+        self.shapes = _shapes(build_model(cfg))
+        self.stacks, self.dtype = family.stacks(cfg), DTYPES[cfg.param_dtype]
+        self.per_layer = per_layer_shapes(self.shapes, self.stacks)
+        self.tensors = family.normalize_hf_keys(safetensors_io.read_dir(hf_dir))
+        rules = family.rules(cfg)
+        check_hf(self.tensors, rules, self.per_layer, str(hf_dir))
+        self.rules = {r.ours: r for r in rules}
+
+    def layers(self, path: str) -> int:
+        """How many layers leaf `path` stacks on its axis 0 (0: not a stacked leaf)."""
+        stack = stack_of(path, self.stacks)
+        return stack.count if stack else 0
+
+    def piece(self, path: str, layer: int | None = None) -> np.ndarray:
+        """Leaf `path` in the config's param_dtype; for a stacked leaf only its layer `layer`."""
+        stack = stack_of(path, self.stacks)
+        name = path if stack is None else stack.layer_path(layer) + path[len(stack.prefix):]
+        rule = self.rules[name]
+        return rule_to_ours(rule, self.tensors[rule.hf], self.per_layer[name], self.dtype)
+
+    def numpy(self):
+        """The whole tree as host arrays."""
+        return unflatten({p: np.stack([self.piece(p, b) for b in range(self.layers(p))]) if self.layers(p)
+                          else self.piece(p) for p in self.shapes})
+
+    def place(self, shardings):
+        """The whole tree as global arrays with `shardings` (a tree like the params'). This process converts each
+        HF tensor once and keeps only its own devices' distinct shards of one leaf at a time on the host."""
+        flat = flatten(shardings)
+        return unflatten({p: self._place_leaf(p, flat[p]) for p in self.shapes})
+
+    def _place_leaf(self, path: str, sharding) -> jax.Array:
+        shape = self.shapes[path]
+        shards = {}  # distinct index -> (index, host buffer, devices holding it)
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = tuple(sl.indices(n) for sl, n in zip(index, shape))  # slices are not hashable before 3.12
+            shards.setdefault(key, (index, np.empty(sharding.shard_shape(shape), self.dtype), []))[2].append(device)
+        if self.layers(path):
+            for b in range(self.layers(path)):
+                layer = self.piece(path, b)
+                for index, buffer, _ in shards.values():
+                    first, last, _ = index[0].indices(shape[0])
+                    if first <= b < last:
+                        buffer[b - first] = layer[index[1:]]
+        else:
+            whole = self.piece(path)
+            for index, buffer, _ in shards.values():
+                buffer[...] = whole[index]
+        arrays = [jax.device_put(buffer, d) for _, buffer, devices in shards.values() for d in devices]
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def from_hf(hf_dir: str, **config_overrides):
     """Loads a Hugging Face safetensors directory; returns (model, params) with params as numpy arrays in the
     config's param_dtype. `config_overrides` set ModelConfig fields (e.g. dtype="float32", scan_layers=False)."""
     cfg = config_from_hf(hf_dir, **config_overrides)
-    family = family_module(cfg)
-    model = build_model(cfg)
-    shapes = _shapes(model)
-    stacks = family.stacks(cfg)
-    tensors = family.normalize_hf_keys(safetensors_io.read_dir(hf_dir))
-    per_layer = hf_to_ours(tensors, family.rules(cfg), per_layer_shapes(shapes, stacks),
-                           DTYPES[cfg.param_dtype], hf_dir)
-    return model, unflatten(from_per_layer(per_layer, shapes, stacks))
+    return build_model(cfg), HFWeights(hf_dir, cfg).numpy()
 
 
 def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: dict | None = None,
@@ -117,5 +169,5 @@ def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
     return counts
 
 
-__all__ = ["from_hf", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module",
+__all__ = ["from_hf", "HFWeights", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module",
            "conversion_module"]

@@ -86,14 +86,14 @@ def unflatten(flat: dict[str, object]):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _stack_of(path: str, stacks: list[Stack]) -> Stack | None:
+def stack_of(path: str, stacks: list[Stack]) -> Stack | None:
     return next((s for s in stacks if path.startswith(s.prefix)), None)
 
 
 def to_per_layer(flat: dict[str, np.ndarray], stacks: list[Stack]) -> dict[str, np.ndarray]:
     out = {}
     for path, arr in flat.items():
-        stack = _stack_of(path, stacks)
+        stack = stack_of(path, stacks)
         if stack is None:
             out[path] = arr
             continue
@@ -106,7 +106,7 @@ def to_per_layer(flat: dict[str, np.ndarray], stacks: list[Stack]) -> dict[str, 
 def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str, tuple]:
     out = {}
     for path, shape in shapes.items():
-        stack = _stack_of(path, stacks)
+        stack = stack_of(path, stacks)
         if stack is None:
             out[path] = tuple(shape)
         else:
@@ -114,23 +114,9 @@ def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str,
     return out
 
 
-def from_per_layer(per_layer: dict[str, np.ndarray], shapes: dict[str, tuple], stacks: list[Stack]):
-    """Inverse of `to_per_layer`, driven by the target tree's (stacked) shapes."""
-    out = {}
-    for path in shapes:
-        stack = _stack_of(path, stacks)
-        if stack is None:
-            out[path] = per_layer[path]
-        else:
-            rest = path[len(stack.prefix):]
-            out[path] = np.stack([per_layer[stack.layer_path(b) + rest] for b in range(stack.count)])
-    return out
-
-
-def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tuple], dtype,
-               source: str) -> dict[str, np.ndarray]:
-    """Applies `rules` to HF tensors; every rule must find its key with the expected shape, and every HF
-    tensor must be used. `shapes` is our per-layer view's shapes."""
+def check_hf(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tuple], source: str):
+    """Every rule finds its key with the expected shape, and every HF tensor is used. `shapes` is our per-layer
+    view's shapes. Reads shapes only, no tensor data."""
     missing = [r.hf for r in rules if r.hf not in hf]
     if missing:
         raise ConversionError(f"{source}: {len(missing)} weights the config needs are missing, e.g. "
@@ -139,15 +125,15 @@ def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, t
     if unused:
         raise ConversionError(f"{source}: {len(unused)} weights are not part of this architecture, e.g. "
                               f"'{unused[0]}'; check config.json's layer counts and model_type")
-    out = {}
     for r in rules:
-        arr, shape = hf[r.hf], shapes[r.ours]
-        expected = tuple(r.transform.hf_shape(shape))
-        if tuple(arr.shape) != expected:
-            raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(arr.shape)} but config.json "
+        expected = tuple(r.transform.hf_shape(shapes[r.ours]))
+        if tuple(hf[r.hf].shape) != expected:
+            raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(hf[r.hf].shape)} but config.json "
                                   f"implies {expected}")
-        out[r.ours] = np.asarray(r.transform.to_ours(np.asarray(arr), shape), dtype=dtype)
-    return out
+
+
+def rule_to_ours(rule: Rule, hf_array, shape: tuple, dtype) -> np.ndarray:
+    return np.asarray(rule.transform.to_ours(np.asarray(hf_array), shape), dtype=dtype)
 
 
 def ours_to_hf(ours: dict[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.data import open_train_data
+from vlm_jax.train.init_from import InitSource
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.preemption import StopSignal
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
@@ -66,11 +67,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
 
-    def fresh_state(self) -> TrainState:
+    def init_source(self) -> InitSource | None:
+        """`train.init_from`, checked against the model (metadata only), when this run starts fresh."""
+        if not self.cfg.train.init_from or checkpoint.committed_steps(self.ckpt_dir):
+            return None
+        return InitSource(self.cfg.train.init_from, self.cfg.model, self.abstract_params)
+
+    def fresh_state(self, init: InitSource | None = None) -> TrainState:
+        """Step 0: parameters from `init` or a random init, a fresh optimizer state, rng and counters."""
         plan = self.plan(self.stages[0])
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
-                             out_shardings=plan.shardings.params)(jax.random.PRNGKey(self.cfg.seed))
+        if init is not None:
+            params = init.params(plan.shardings.params)
+            self.echo(f"parameters from the {init.kind} {self.cfg.train.init_from} (train.init_from); optimizer "
+                      "state, step and data start fresh")
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
+                                 out_shardings=plan.shardings.params)(jax.random.PRNGKey(self.cfg.seed))
         opt_state = init_opt_state(plan.tx, params, plan.trainable, plan.shardings.opt_state)
         return TrainState(params=params, opt_state=opt_state, **self._place_scalars(
             scalars(0, jax.random.PRNGKey(self.cfg.seed + 1))))
@@ -184,6 +197,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         train = self.cfg.train
+        init = self.init_source()  # a source that does not fit stops here, before the workdir is touched
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # creates nothing on an object store
         mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
                                        keep_every=train.checkpoint.keep_every,
@@ -192,10 +206,11 @@ class Trainer:
             with StopSignal() as stop:  # from here on a signal waits for a step boundary (and its save)
                 restored = self.restore(mgr)
                 if restored is None:
-                    state, owner, data_iter = self.fresh_state(), 0, {}
+                    state, owner, data_iter = self.fresh_state(init), 0, {}
                 else:
                     state, owner, data_iter = restored
-                    self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
+                    self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}" + (
+                        "; train.init_from is ignored (it only initialises a new run)" if train.init_from else ""))
                 logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo,
                                        primary=jax.process_index() == 0, total_steps=self.end)
                 try:
