@@ -114,12 +114,13 @@ def test_cli_import_export_round_trip(hf_mllama_dir, tmp_path, capsys):
     ckpt, out, out_5x = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "hf_5x")
     assert cli.main(["import", "--hf", path, "--out", ckpt]) == 0
     assert "[1, 3] read in the 'input' convention" in capsys.readouterr().out
-    assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", out, "--vision-layer-convention", "input"]) == 0
-    assert "[1, 3] are in the 'input' convention" in capsys.readouterr().out
+    assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", out,
+                     "--vision-layer-convention", "input"]) == 0
+    assert "[1, 3] written in the 'input' convention" in capsys.readouterr().out
     assert_same_tensors(read_dir(path), read_dir(out))
     assert _hf_config(path) == _hf_config(out)
     assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", out_5x]) == 0
-    assert "[0, 2] are in the 'output' convention" in capsys.readouterr().out
+    assert "[0, 2] written in the 'output' convention" in capsys.readouterr().out
     assert _vision_indices(out_5x) == ([0, 2], "output")
 
 
@@ -149,7 +150,8 @@ def test_export_refuses_indices_the_target_convention_cannot_name(hf_mllama_dir,
     capsys.readouterr()
     assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "0 (the embeddings entering local layer 0) has no index in the 'output'" in err
+    assert len(err.splitlines()) == 1, err
+    assert "0 (the embeddings entering local layer 0) has no index in the 'output'" in err
     assert not out.exists() or not any(out.iterdir())
     assert cli.main(["export", "--checkpoint", ckpt, "--to", "hf", "--out", str(out),
                      "--vision-layer-convention", "input"]) == 0
@@ -165,7 +167,8 @@ def test_layer_indices_translate_both_ways():
     assert layer_indices_in(v, "output") == (1, 7)
     with pytest.raises(ConversionError, match="7 \\(the last local layer's output\\) has no index in the 'input'"):
         layer_indices_in(v, "input")
-    v = load_model_config({"family": "mllama", "vision": {"num_layers": 8, "intermediate_layers_indices": [3, 7]}}).vision
+    v = load_model_config({"family": "mllama",
+                           "vision": {"num_layers": 8, "intermediate_layers_indices": [3, 7]}}).vision
     assert layer_indices_in(v, "output") == (2, 6)
 
 

@@ -138,5 +138,5 @@ def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
     return counts
 
 
-__all__ = ["from_hf", "to_hf", "export_config", "import_notes", "config_from_hf", "read_hf_config", "parameter_counts", "family_module",
-           "conversion_module"]
+__all__ = ["from_hf", "to_hf", "export_config", "import_notes", "config_from_hf", "read_hf_config",
+           "parameter_counts", "family_module", "conversion_module"]

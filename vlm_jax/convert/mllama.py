@@ -181,9 +181,10 @@ def export_config(cfg: ModelConfig, vision_layer_convention: str | None) -> tupl
     v = cfg.vision
     vision = replace(v, intermediate_layers_indices=layer_indices_in(v, target), intermediate_layers_convention=target)
     other = "input" if target == "output" else "output"
-    note = (f"vision_config.intermediate_layers_indices {list(vision.intermediate_layers_indices)} are in the "
-            f"'{target}' convention ({LAYER_CONVENTION_KEY}): {LAYER_CONVENTION_READERS[target]} compute the trained "
-            f"model; for {LAYER_CONVENTION_READERS[other]} export with --vision-layer-convention {other}")
+    note = (f"vision_config.intermediate_layers_indices {list(vision.intermediate_layers_indices)} written in the "
+            f"'{target}' convention ({LAYER_CONVENTION_KEY}): they give the trained model in "
+            f"{LAYER_CONVENTION_READERS[target]}; for {LAYER_CONVENTION_READERS[other]}, export with "
+            f"--vision-layer-convention {other}")
     return replace(cfg, vision=vision), [note]
 
 
@@ -191,9 +192,9 @@ def import_notes(cfg: ModelConfig) -> list[str]:
     v = cfg.vision
     state = "the state entering" if v.intermediate_layers_convention == "input" else "the output of"
     return [f"vision intermediate_layers_indices {list(v.intermediate_layers_indices)} read in the "
-            f"'{v.intermediate_layers_convention}' convention (index i = {state} local layer i, as "
-            f"{LAYER_CONVENTION_READERS[v.intermediate_layers_convention]} read it); a checkpoint trained otherwise "
-            "needs --set vision.intermediate_layers_convention=..."]
+            f"'{v.intermediate_layers_convention}' convention (index i = {state} local layer i, as in "
+            f"{LAYER_CONVENTION_READERS[v.intermediate_layers_convention]}); a checkpoint trained otherwise needs "
+            "--set vision.intermediate_layers_convention=..."]
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
