@@ -31,20 +31,21 @@ def _empty_out(out: str):
 
 
 def cmd_import(args):
-    from vlm_jax.config import Config
-    from vlm_jax.convert import from_hf, read_hf_config
+    from vlm_jax.config import Config, apply_overrides
+    from vlm_jax.convert import from_hf, import_notes, read_hf_config
     from vlm_jax.convert.processor import keep_processor_files
     from vlm_jax.train import checkpoint
     out = _empty_out(args.out)
-    overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
-    model, params = from_hf(args.hf, **_typed(overrides))
+    model, params = from_hf(args.hf, **apply_overrides({}, args.set or []))
     checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
     kept = keep_processor_files(args.hf, out)  # export copies them back
+    for note in import_notes(model.config):
+        print(f"note: {note}")
     print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
 def cmd_export(args):
-    from vlm_jax.convert import to_hf
+    from vlm_jax.convert import export_config, to_hf
     from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
@@ -55,16 +56,19 @@ def cmd_export(args):
         raise_user(f"--to {args.to}: only 'hf' is supported")
     out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
+    convention = args.vision_layer_convention or None
+    export_config(config.model, convention)  # its mistakes before the slow restore
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
     params = checkpoint.restore_params(args.checkpoint)
     if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+        notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                      vision_layer_convention=convention)
         copy_processor_files(kept, out)
         tokenizer_file = kept
     elif tokenizer_file and has_processor(config.model):
-        changes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
-                              args.dtype, hf_config)
+        changes, notes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
+                                     args.dtype, hf_config, convention)
         for change in changes:
             print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
                   "tokenizer's ids)")
@@ -77,7 +81,10 @@ def cmd_export(args):
         print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
               "token ids", file=sys.stderr)
         tokenizer_file = None
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+        notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                      vision_layer_convention=convention)
+    for note in notes:
+        print(f"note: {note}")
     print(f"exported step {step} of {args.checkpoint} -> {out}"
           + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 
@@ -151,11 +158,6 @@ def cmd_plan(args):
         raise_user(f"stage(s) {', '.join(misfits)} do not fit on {args.topology}; try {advice(cfg)}")
 
 
-def _typed(overrides: dict[str, str]) -> dict:
-    import yaml
-    return {k: yaml.safe_load(v) for k, v in overrides.items()}
-
-
 def raise_user(message: str):
     from vlm_jax.errors import UserError
     raise UserError(message)
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True)
     imp.add_argument("--out", required=True)
     imp.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
-                     help="model config fields to set, e.g. dtype=float32 scan_layers=false")
+                     help="model config fields to set, e.g. dtype=float32 scan_layers=false "
+                          "vision.intermediate_layers_convention=output")
     imp.set_defaults(func=cmd_import)
 
     exp = sub.add_parser("export", help="vlm_jax checkpoint -> Hugging Face directory")
@@ -184,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", default="hf")
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.add_argument("--vision-layer-convention", default="",
+                     help="Mllama: whose reading of vision_config.intermediate_layers_indices config.json is written "
+                          "for: 'output' (transformers 5.x; the default) or 'input' (Meta's reference, transformers "
+                          "4.x); the indices are translated so that reader computes the trained model")
     exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
                                                     "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)

@@ -130,14 +130,34 @@ def from_hf(hf_dir: str, **config_overrides):
     return build_model(cfg), HFWeights(hf_dir, cfg).numpy()
 
 
+def import_notes(model_config: ModelConfig) -> list[str]:
+    """What the user must know about how an imported config.json was read (Mllama: the vision layer convention)."""
+    module = family_module(model_config)
+    return module.import_notes(model_config) if hasattr(module, "import_notes") else []
+
+
+def export_config(cfg: ModelConfig, vision_layer_convention: str | None = None) -> tuple[ModelConfig, list[str]]:
+    """The model config `to_hf` writes (the same model, Mllama's vision indices in the export's convention) and
+    the notes about it; a ConversionError when it cannot be written."""
+    family = family_module(cfg)
+    if hasattr(family, "export_config"):
+        return family.export_config(cfg, vision_layer_convention)
+    if vision_layer_convention:
+        raise ConversionError(f"--vision-layer-convention: model.family '{cfg.family}' has no intermediate vision "
+                              "layer indices; leave it out")
+    return cfg, []
+
+
 def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: dict | None = None,
-          max_shard_bytes: int = 5 << 30):
+          max_shard_bytes: int = 5 << 30, vision_layer_convention: str | None = None) -> list[str]:
     """Writes config.json (4.x layout), generation_config.json and safetensors loadable by
     `XForConditionalGeneration.from_pretrained`. `hf_config_base` (an imported config.json) keeps the fields
-    vlm_jax does not model."""
+    vlm_jax does not model. `vision_layer_convention` picks the readers of Mllama's intermediate vision layer
+    indices ("output": transformers 5.x, the default; "input": Meta's reference, transformers 4.x). Returns notes
+    the user must know (which readers compute the trained model)."""
     if dtype not in DTYPES:
         raise ConversionError(f"export dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    cfg = model.config
+    cfg, notes = export_config(model.config, vision_layer_convention)
     family = family_module(cfg)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
     tensors = ours_to_hf(to_per_layer(flat, family.stacks(cfg)), family.rules(cfg), DTYPES[dtype])
@@ -146,6 +166,7 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
     out_dir = user_path(out_dir, "--out")
     write_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2))
     write_atomic(out_dir / "generation_config.json", json.dumps(family.generation_config(cfg), indent=2))
+    return notes
 
 
 def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
@@ -169,5 +190,5 @@ def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
     return counts
 
 
-__all__ = ["from_hf", "HFWeights", "to_hf", "config_from_hf", "read_hf_config", "parameter_counts", "family_module",
-           "conversion_module"]
+__all__ = ["from_hf", "HFWeights", "to_hf", "export_config", "import_notes", "config_from_hf", "read_hf_config",
+           "parameter_counts", "family_module", "conversion_module"]
