@@ -26,7 +26,9 @@ class InitFromError(UserError):
     pass
 
 
-def _differing_field(theirs: ModelConfig, ours: ModelConfig) -> tuple[str, object, object] | None:
+def differing_model_field(theirs: ModelConfig, ours: ModelConfig) -> tuple[str, object, object] | None:
+    """The first model config field (dotted) that changes what the model computes, with both values. Equal shapes
+    do not make equal models: e.g. which vision layers feed the projector, or rope_theta."""
     a, b = (flax.traverse_util.flatten_dict(to_dict(c), sep=".") for c in (theirs, ours))
     for key in [*b, *(k for k in a if k not in b)]:
         if key.split(".")[0] not in RUNTIME and key not in INIT_ONLY and a.get(key) != b.get(key):
@@ -59,7 +61,7 @@ class InitSource:
             path, there, here = diff
             raise InitFromError(f"{where} does not fit the config: params/{path} is {there} there but {here} in "
                                 "model:; make model: describe the same architecture (or drop train.init_from)")
-        field = _differing_field(theirs, model)
+        field = differing_model_field(theirs, model)
         if field:
             key, there, here = field
             raise InitFromError(f"{where} does not fit the config: model.{key} is {there!r} there but {here!r} in "

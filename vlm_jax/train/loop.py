@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from vlm_jax import hardware, sharding
-from vlm_jax.config import Config
+from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import user_path
 from vlm_jax.families import abstract_params, get_family, init_params
@@ -21,7 +21,7 @@ from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.data import open_train_data
-from vlm_jax.train.init_from import InitSource
+from vlm_jax.train.init_from import InitSource, differing_model_field
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.preemption import StopSignal
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
@@ -103,12 +103,13 @@ class Trainer:
         for i, step in enumerate(steps):
             try:  # metadata only: no array is read yet
                 owner = checkpoint.restore_item(mgr, step, checkpoint.TRAIN_STATE)["stage"]
+                written_by = from_dict(Config, checkpoint.restore_item(mgr, step, checkpoint.META)["config"]).model
                 saved = mgr.item_metadata(step)
                 saved = {k: saved[k] for k in (checkpoint.PARAMS, checkpoint.OPT_STATE)}
             except Exception as e:  # noqa: BLE001  (a damaged step must not stop the fallback)
                 self._unreadable(step, e, steps[i + 1:])
                 continue
-            plan = self._check_fits(step, owner, saved)
+            plan = self._check_fits(step, owner, saved, written_by)
             try:
                 abstract = abstract_with_shardings(self.abstract_params, plan.shardings.params)
                 items = checkpoint.restore_train(mgr, step, abstract, plan.abstract_opt_state(self.abstract_params))
@@ -131,9 +132,10 @@ class Trainer:
                 "is left; repair or move that directory away (training will not start fresh over a run)")
         self.echo(f"warning: checkpoint step {step} is unreadable ({reason}); falling back to step {older[0]}")
 
-    def _check_fits(self, step: int, owner: int, saved: dict) -> StagePlan:
+    def _check_fits(self, step: int, owner: int, saved: dict, written_by: ModelConfig) -> StagePlan:
         """The owner stage's plan, when `saved` (the step's array metadata) has exactly the current config's
-        parameter and optimizer-state shapes and dtypes; else one line naming the first difference."""
+        parameter and optimizer-state shapes and dtypes, and the model config that wrote it computes the same
+        model; else one line naming the first difference."""
         where = f"checkpoint step {step} in {self.ckpt_dir}"
         if owner >= len(self.stages):
             raise checkpoint.CheckpointError(f"{where} was written in stage {owner} but the config has "
@@ -150,6 +152,12 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{where} does not fit the config: {item}/{path} is {there} there but {here} now; {why}; "
                     "run with the settings that wrote it or use a new workdir")
+        field = differing_model_field(written_by, self.cfg.model)
+        if field:
+            key, there, here = field
+            raise checkpoint.CheckpointError(
+                f"{where} was trained with model.{key}={there!r} but the config says {here!r}; set "
+                f"model.{key}={there!r} to resume it (or use a new workdir)")
         return plan
 
     def enter_stage(self, state: TrainState, owner: int, stage: Stage) -> TrainState:
