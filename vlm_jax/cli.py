@@ -43,6 +43,17 @@ def cmd_import(args):
     print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
+def _size(text: str, flag: str) -> int:
+    """Bytes from '5GB', '512MiB' or a plain count (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, as
+    in transformers' max_shard_size)."""
+    import re
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B)?", text.strip(), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise_user(f"{flag} {text}: expected a positive size such as 5GB, 512MiB or 1000000 (bytes)")
+    power = "KMGT".index(match[2].upper()) + 1 if match[2] else 0
+    return int(float(match[1]) * (1024 if match[3] else 1000) ** power)
+
+
 def cmd_export(args):
     from vlm_jax.convert import to_hf
     from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
@@ -53,31 +64,33 @@ def cmd_export(args):
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
+    max_shard_bytes = _size(args.max_shard_size, "--max-shard-size")
     out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
-    params = checkpoint.restore_params(args.checkpoint)
-    if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
-        copy_processor_files(kept, out)
-        tokenizer_file = kept
-    elif tokenizer_file and has_processor(config.model):
-        changes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
-                              args.dtype, hf_config)
-        for change in changes:
-            print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
-                  "tokenizer's ids)")
-        original = user_path(tokenizer_file, "tokenizer")
-        if original.is_file() and original.suffix == ".model":  # the sentencepiece original
-            write_atomic(out / "tokenizer.model", original.read_bytes())
-    else:
-        why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)" if not tokenizer_file
-               else f"model.family '{config.model.family}' has no Hugging Face processor description")
-        print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
-              "token ids", file=sys.stderr)
-        tokenizer_file = None
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+    with checkpoint.lazy_params(args.checkpoint) as params:  # read one parameter at a time as it is written
+        if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
+            to_hf(build_model(config.model), params, out, args.dtype, hf_config, max_shard_bytes)
+            copy_processor_files(kept, out)
+            tokenizer_file = kept
+        elif tokenizer_file and has_processor(config.model):
+            changes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
+                                  args.dtype, hf_config, max_shard_bytes)
+            for change in changes:
+                print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
+                      "tokenizer's ids)")
+            original = user_path(tokenizer_file, "tokenizer")
+            if original.is_file() and original.suffix == ".model":  # the sentencepiece original
+                write_atomic(out / "tokenizer.model", original.read_bytes())
+        else:
+            why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)"
+                   if not tokenizer_file
+                   else f"model.family '{config.model.family}' has no Hugging Face processor description")
+            print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the "
+                  "config's token ids", file=sys.stderr)
+            tokenizer_file = None
+            to_hf(build_model(config.model), params, out, args.dtype, hf_config, max_shard_bytes)
     print(f"exported step {step} of {args.checkpoint} -> {out}"
           + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 
@@ -184,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", default="hf")
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file, e.g. 5GB or 512MiB; "
+                                                              "bigger models are split into files + an index")
     exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
                                                     "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)
