@@ -13,7 +13,7 @@ from vlm_jax import cli
 from vlm_jax.config import load_config
 from vlm_jax.convert import to_hf
 from vlm_jax.convert.keymap import flatten
-from vlm_jax.families import build_model, init_params
+from vlm_jax.families import abstract_params, build_model
 from vlm_jax.train import checkpoint
 
 
@@ -28,6 +28,13 @@ class _Counted:
         return self.array
 
 
+def _random_params(model, seed: int = 0):
+    """Random values of the model's shapes (no model execution: tracing is cheap, running init is not)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
+                        nn.meta.unbox(abstract_params(model)))
+
+
 def _files(path) -> list[str]:
     return sorted(os.listdir(path))
 
@@ -37,7 +44,7 @@ def _files(path) -> list[str]:
 def test_checkpoint_export_is_byte_identical_to_in_memory_and_reads_each_parameter_once(config, scan, tmp_path):
     cfg = load_config(f"configs/models/{config}.yaml", [f"model.scan_layers={scan}"])
     model = build_model(cfg.model)
-    params = jax.tree.map(np.asarray, nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+    params = _random_params(model)
     checkpoint.save_params(str(tmp_path / "ckpt"), params, cfg)
     shard = 40_000  # several shards for every tiny model
     to_hf(model, params, str(tmp_path / "memory"), max_shard_bytes=shard)
@@ -61,7 +68,7 @@ def test_cli_export_splits_at_max_shard_size_and_transformers_loads_it(tmp_path)
     from transformers import AutoModelForImageTextToText
     cfg = load_config("configs/models/tiny_llava.yaml", [])
     model = build_model(cfg.model)
-    params = jax.tree.map(np.asarray, nn.meta.unbox(init_params(model, jax.random.PRNGKey(1))))
+    params = _random_params(model, seed=1)
     ckpt, out = str(tmp_path / "ckpt"), tmp_path / "hf"
     checkpoint.save_params(ckpt, params, cfg)
     assert cli.main(["export", "--checkpoint", ckpt, "--out", str(out), "--tokenizer", "",

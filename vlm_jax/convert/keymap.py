@@ -164,5 +164,6 @@ def ours_to_hf(flat: Mapping[str, object], shapes: dict[str, tuple], stacks: lis
             arr = np.asarray(flat[path])
             for b, r, _ in items:
                 # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
-                yield r.hf, np.asarray(r.transform.to_hf(arr if b is None else arr[b]).astype(dtype), order="C")
+                hf = r.transform.to_hf(arr if b is None else arr[b]).astype(dtype, copy=False)
+                yield r.hf, np.asarray(hf, order="C")
     return layout, tensors()

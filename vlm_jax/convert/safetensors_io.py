@@ -116,9 +116,9 @@ def _write_file(path, layout: Layout, tensors: Iterator[tuple[str, np.ndarray]])
     """Writes the tensors of `layout`, taking each from `tensors` as it is due (the header comes first)."""
     header, offset = {}, 0
     for name, shape, dtype in layout:
-        nbytes = _nbytes(shape, dtype)
-        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        end = offset + _nbytes(shape, dtype)
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)  # 8-byte aligned tensor data
