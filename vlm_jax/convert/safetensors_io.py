@@ -133,7 +133,8 @@ def _write_file(path, layout: Layout, tensors: Iterator[tuple[str, np.ndarray]])
             f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
 
-def write_stream(out_dir, layout: Layout, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int = 5 << 30):
+def write_stream(out_dir, layout: Layout, tensors: Iterable[tuple[str, np.ndarray]],
+                 max_shard_bytes: int = 5 << 30):
     """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`, from
     `tensors` ((name, array) in `layout`'s order) as they come: the layout fixes every shard's header before any
     data, so host memory holds one tensor at a time (an object-store upload holds its shard, see atomic_open)."""

@@ -90,7 +90,6 @@ def restore_params(path: str, abstract_params=None):
     return restored[PARAMS]
 
 
-
 class _StoredArray:
     """One array of a checkpoint, read from storage (as numpy) each time np.asarray asks for it."""
 
@@ -125,6 +124,7 @@ def lazy_params(path):
             lambda keys, m: _StoredArray(handler, item_dir, tuple(k.key for k in keys), m), meta)
     finally:
         handler.close()
+
 
 # ------------------------------------------------------------------------------------------ training
 
