@@ -84,3 +84,26 @@ def test_cli_export_rejects_a_bad_max_shard_size(tmp_path, capsys):
                      "--max-shard-size", "5 parsecs"]) == 2
     assert "--max-shard-size 5 parsecs: expected a positive size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_export_leaves_out_empty_for_a_rerun(tmp_path, monkeypatch):
+    cfg = load_config("configs/models/tiny_llava.yaml", [])
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "hf"
+    checkpoint.save_params(ckpt, _random_params(build_model(cfg.model)), cfg)
+    argv = ["export", "--checkpoint", ckpt, "--out", str(out), "--max-shard-size", "20KB"]
+    read = checkpoint._StoredArray.__array__
+    reads = []
+
+    def interrupted(self, *args, **kwargs):
+        reads.append(self)
+        if len(reads) == 20:  # some shards are written by now
+            assert sum(n.endswith(".safetensors") for n in _files(out)) > 1
+            raise KeyboardInterrupt
+        return read(self, *args, **kwargs)
+    monkeypatch.setattr(checkpoint._StoredArray, "__array__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert _files(out) == []
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+    assert "model.safetensors.index.json" in _files(out)

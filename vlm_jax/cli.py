@@ -60,7 +60,7 @@ def cmd_export(args):
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
     from vlm_jax.infer.answer import tokenizer_path
-    from vlm_jax.paths import user_path, write_atomic
+    from vlm_jax.paths import emptied_on_error, user_path, write_atomic
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
@@ -69,7 +69,8 @@ def cmd_export(args):
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
-    with checkpoint.lazy_params(args.checkpoint) as params:  # read one parameter at a time as it is written
+    # Parameters are read one at a time as they are written; a failed export takes its partial files away.
+    with emptied_on_error(out), checkpoint.lazy_params(args.checkpoint) as params:
         if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
             to_hf(build_model(config.model), params, out, args.dtype, hf_config, max_shard_bytes)
             copy_processor_files(kept, out)
