@@ -44,45 +44,59 @@ def cmd_import(args):
     print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
+def _size(text: str, flag: str) -> int:
+    """Bytes from '5GB', '512MiB' or a plain count (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, as
+    in transformers' max_shard_size)."""
+    import re
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B)?", text.strip(), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise_user(f"{flag} {text}: expected a positive size such as 5GB, 512MiB or 1000000 (bytes)")
+    power = "KMGT".index(match[2].upper()) + 1 if match[2] else 0
+    return int(float(match[1]) * (1024 if match[3] else 1000) ** power)
+
+
 def cmd_export(args):
     from vlm_jax.convert import export_config, to_hf
     from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
     from vlm_jax.infer.answer import tokenizer_path
-    from vlm_jax.paths import user_path, write_atomic
+    from vlm_jax.paths import emptied_on_error, user_path, write_atomic
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
+    max_shard_bytes = _size(args.max_shard_size, "--max-shard-size")
     out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
     convention = args.vision_layer_convention or None
     export_config(config.model, convention)  # its mistakes before the slow restore
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
-    params = checkpoint.restore_params(args.checkpoint)
-    if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
-        notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
-                      vision_layer_convention=convention)
-        copy_processor_files(kept, out)
-        tokenizer_file = kept
-    elif tokenizer_file and has_processor(config.model):
-        changes, notes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
-                                     args.dtype, hf_config, convention)
-        for change in changes:
-            print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
-                  "tokenizer's ids)")
-        original = user_path(tokenizer_file, "tokenizer")
-        if original.is_file() and original.suffix == ".model":  # the sentencepiece original
-            write_atomic(out / "tokenizer.model", original.read_bytes())
-    else:
-        why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)" if not tokenizer_file
-               else f"model.family '{config.model.family}' has no Hugging Face processor description")
-        print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
-              "token ids", file=sys.stderr)
-        tokenizer_file = None
-        notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
-                      vision_layer_convention=convention)
+    # Parameters are read one at a time as they are written; a failed export takes its partial files away.
+    with emptied_on_error(out), checkpoint.lazy_params(args.checkpoint) as params:
+        if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
+            notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                          max_shard_bytes=max_shard_bytes, vision_layer_convention=convention)
+            copy_processor_files(kept, out)
+            tokenizer_file = kept
+        elif tokenizer_file and has_processor(config.model):
+            changes, notes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
+                                         args.dtype, hf_config, convention, max_shard_bytes)
+            for change in changes:
+                print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
+                      "tokenizer's ids)")
+            original = user_path(tokenizer_file, "tokenizer")
+            if original.is_file() and original.suffix == ".model":  # the sentencepiece original
+                write_atomic(out / "tokenizer.model", original.read_bytes())
+        else:
+            why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)"
+                   if not tokenizer_file
+                   else f"model.family '{config.model.family}' has no Hugging Face processor description")
+            print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the "
+                  "config's token ids", file=sys.stderr)
+            tokenizer_file = None
+            notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                          max_shard_bytes=max_shard_bytes, vision_layer_convention=convention)
     for note in notes:
         print(f"note: {note}")
     print(f"exported step {step} of {args.checkpoint} -> {out}"
@@ -191,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Mllama: whose reading of vision_config.intermediate_layers_indices config.json is written "
                           "for: 'output' (transformers 5.x; the default) or 'input' (Meta's reference, transformers "
                           "4.x); the indices are translated so that reader computes the trained model")
+    exp.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file, e.g. 5GB or 512MiB; "
+                                                              "bigger models are split into files + an index")
     exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
                                                     "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)

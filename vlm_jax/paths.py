@@ -79,3 +79,18 @@ def atomic_open(path: epath.Path, mode: str = "w"):
 def write_atomic(path: epath.Path, data: str | bytes):
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def emptied_on_error(folder: epath.Path):
+    """For writing into `folder` while it holds nothing else: on an error or an interrupt, what was written there
+    is removed, so nothing partial blocks writing there again (a killed process still leaves its files)."""
+    try:
+        yield folder
+    except BaseException:
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.is_dir():
+                path.rmtree()
+            else:
+                path.unlink()
+        raise

@@ -10,13 +10,11 @@ import math
 import re
 
 import flax.linen as nn
-import jax
-import numpy as np
 
 from vlm_jax.config import ModelConfig
 from vlm_jax.convert import safetensors_io
 from vlm_jax.convert.keymap import check_hf, flatten, ours_to_hf, per_layer_shapes, rule_to_ours, stack_of, \
-    to_per_layer, unflatten
+    unflatten
 from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.families import Family, abstract_params, build_model, family_for_hf, get_family
 from vlm_jax.models.layers import DTYPES
@@ -152,16 +150,19 @@ def to_hf(model, params, out_dir: str, dtype: str = "float32", hf_config_base: d
           max_shard_bytes: int = 5 << 30, vision_layer_convention: str | None = None) -> list[str]:
     """Writes config.json (4.x layout), generation_config.json and safetensors loadable by
     `XForConditionalGeneration.from_pretrained`. `hf_config_base` (an imported config.json) keeps the fields
-    vlm_jax does not model. `vision_layer_convention` picks the readers of Mllama's intermediate vision layer
-    indices ("output": transformers 5.x, the default; "input": Meta's reference, transformers 4.x). Returns notes
-    the user must know (which readers compute the trained model)."""
+    vlm_jax does not model. `params` is the parameter tree; its leaves may be anything np.asarray reads, each
+    read once, one at a time, and written out before the next: leaves that load on access (a checkpoint's,
+    `train.checkpoint.lazy_params`) keep one parameter in host memory, never the whole model.
+    `vision_layer_convention` picks the readers of Mllama's intermediate vision layer indices ("output":
+    transformers 5.x, the default; "input": Meta's reference, transformers 4.x). Returns notes the user must know
+    (which readers compute the trained model)."""
     if dtype not in DTYPES:
         raise ConversionError(f"export dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     cfg, notes = export_config(model.config, vision_layer_convention)
     family = family_module(cfg)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
-    tensors = ours_to_hf(to_per_layer(flat, family.stacks(cfg)), family.rules(cfg), DTYPES[dtype])
-    safetensors_io.write_dir(out_dir, tensors, max_shard_bytes)
+    layout, tensors = ours_to_hf(flatten(nn.meta.unbox(params)), _shapes(model), family.stacks(cfg),
+                                 family.rules(cfg), DTYPES[dtype])
+    safetensors_io.write_stream(out_dir, layout, tensors, max_shard_bytes)
     hf_config = family.config_to_hf(cfg, dtype, hf_config_base)
     out_dir = user_path(out_dir, "--out")
     write_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2))

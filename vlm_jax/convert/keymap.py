@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -90,19 +90,6 @@ def stack_of(path: str, stacks: list[Stack]) -> Stack | None:
     return next((s for s in stacks if path.startswith(s.prefix)), None)
 
 
-def to_per_layer(flat: dict[str, np.ndarray], stacks: list[Stack]) -> dict[str, np.ndarray]:
-    out = {}
-    for path, arr in flat.items():
-        stack = stack_of(path, stacks)
-        if stack is None:
-            out[path] = arr
-            continue
-        rest = path[len(stack.prefix):]
-        for b in range(stack.count):
-            out[stack.layer_path(b) + rest] = arr[b]
-    return out
-
-
 def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str, tuple]:
     out = {}
     for path, shape in shapes.items():
@@ -136,6 +123,33 @@ def rule_to_ours(rule: Rule, hf_array, shape: tuple, dtype) -> np.ndarray:
     return np.asarray(rule.transform.to_ours(np.asarray(hf_array), shape), dtype=dtype)
 
 
-def ours_to_hf(ours: dict[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, np.ndarray]:
-    # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
-    return {r.hf: np.asarray(r.transform.to_hf(np.asarray(ours[r.ours])).astype(dtype), order="C") for r in rules}
+def ours_to_hf(flat: Mapping[str, object], shapes: dict[str, tuple], stacks: list[Stack], rules: list[Rule],
+               dtype) -> tuple[list[tuple[str, tuple, np.dtype]], Iterator[tuple[str, np.ndarray]]]:
+    """HF tensors in the order of our parameters `shapes` (stacked): (every tensor's name, shape and dtype, known
+    before anything is read; an iterator of (name, array) that reads each of our parameters `flat[path]` once,
+    with np.asarray, when its first tensor is due). A reader that loads on access thus holds one parameter (a
+    scanned stack whole) at a time."""
+    by_ours: dict[str, list[Rule]] = {}
+    for r in rules:
+        by_ours.setdefault(r.ours, []).append(r)
+    order = []  # (our path, [(layer or None, rule, per-layer shape)])
+    for path, shape in shapes.items():
+        stack = stack_of(path, stacks)
+        layers = [(None, path, shape)] if stack is None else \
+            [(b, stack.layer_path(b) + path[len(stack.prefix):], shape[1:]) for b in range(stack.count)]
+        order.append((path, [(b, r, s) for b, per_layer, s in layers for r in by_ours.pop(per_layer, ())]))
+    if by_ours:
+        raise ConversionError(f"key map rule for '{next(iter(by_ours))}' names no parameter of the model")
+    dtype = np.dtype(dtype)
+    layout = [(r.hf, tuple(r.transform.hf_shape(tuple(s))), dtype) for _, items in order for _, r, s in items]
+
+    def tensors():
+        for path, items in order:
+            if not items:
+                continue
+            arr = np.asarray(flat[path])
+            for b, r, _ in items:
+                # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
+                hf = r.transform.to_hf(arr if b is None else arr[b]).astype(dtype, copy=False)
+                yield r.hf, np.asarray(hf, order="C")
+    return layout, tensors()

@@ -7,6 +7,8 @@ Restores go through an abstract target carrying the CURRENT mesh's shardings, so
 """
 from __future__ import annotations
 
+import contextlib
+
 import absl.logging
 import flax.linen as nn
 import jax
@@ -101,6 +103,42 @@ def restore_params(path: str, abstract_params=None, mesh=None, rules=None):
                     jax.devices()[0])), mgr.item_metadata(step)[PARAMS])
         restored = mgr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))
     return restored[PARAMS]
+
+
+class _StoredArray:
+    """One array of a checkpoint, read from storage (as numpy) each time np.asarray asks for it."""
+
+    def __init__(self, handler, item_dir, keys: tuple, meta):
+        self._handler, self._item_dir, self._keys = handler, item_dir, keys
+        self.shape, self.dtype = tuple(meta.shape), np.dtype(meta.dtype)
+
+    def _nest(self, leaf):
+        for key in reversed(self._keys):
+            leaf = {key: leaf}
+        return leaf
+
+    def __array__(self, dtype=None, copy=None):
+        item = self._nest(jax.ShapeDtypeStruct(self.shape, self.dtype))
+        restored = self._handler.restore(self._item_dir, args=ocp.args.PyTreeRestore(
+            item, restore_args=self._nest(ocp.RestoreArgs(restore_type=np.ndarray)), partial_restore=True))
+        for key in self._keys:
+            restored = restored[key]
+        return restored if dtype is None else restored.astype(dtype)
+
+
+@contextlib.contextmanager
+def lazy_params(path):
+    """The params tree of a checkpoint whose leaves are read from storage only when np.asarray converts them,
+    one at a time: a caller that converts and drops them in turn (`convert.to_hf`) never holds the whole model."""
+    directory, step = resolve(path)
+    item_dir = user_path(directory, "--checkpoint") / str(step) / PARAMS
+    handler = ocp.PyTreeCheckpointHandler()  # StandardCheckpointHandler restores only whole trees
+    try:
+        meta = handler.metadata(item_dir).tree
+        yield jax.tree_util.tree_map_with_path(
+            lambda keys, m: _StoredArray(handler, item_dir, tuple(k.key for k in keys), m), meta)
+    finally:
+        handler.close()
 
 
 # ------------------------------------------------------------------------------------------ training
