@@ -146,7 +146,13 @@ def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, t
         if tuple(arr.shape) != expected:
             raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(arr.shape)} but config.json "
                                   f"implies {expected}")
+        if arr.dtype.kind in "biu":
+            raise ConversionError(f"{source}: weight '{r.hf}' has the integer dtype {arr.dtype} (quantized or "
+                                  "corrupt?); convert from a floating-point checkpoint")
         out[r.ours] = np.asarray(r.transform.to_ours(np.asarray(arr), shape), dtype=dtype)
+        if bad := int(np.size(out[r.ours]) - np.count_nonzero(np.isfinite(out[r.ours]))):
+            raise ConversionError(f"{source}: weight '{r.hf}' holds {bad} NaN/Inf values of {np.size(arr)}; the "
+                                  "checkpoint is corrupt, re-download or re-save it")
     return out
 
 
