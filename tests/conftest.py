@@ -42,7 +42,8 @@ def trained_like(tmp_path_factory):
                              "data.shapes={batch_size: 4, seq_len: 32, max_images: 1}",
                              "model.text.cross_attention_gate_init=0.8"])
     model = build_model(cfg.model)
-    params = jax.tree.map(np.asarray, jax.device_get(nn.meta.unbox(init_params(model, jax.random.PRNGKey(3)))))
+    params = jax.tree.map(np.asarray, jax.device_get(jax.jit(lambda rng: nn.meta.unbox(init_params(model, rng)))(
+        jax.random.PRNGKey(3))))
     ckpt = str(root / "ckpt")
     checkpoint.save_params(ckpt, params, Config(model=cfg.model, data=cfg.data))
     return cfg, model, params, tokenizer, ckpt

@@ -15,8 +15,9 @@ _ENVIRONMENT_ERRORS = {
     errno.EDQUOT: "disk quota exceeded; free space or choose another path",
     errno.EISDIR: "is a directory; give a file path",
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
-    errno.EEXIST: "already exists; remove it or choose another path",
+    errno.EEXIST: "already exists; choose another path",
 }
+
 
 def _model_config(args):
     from vlm_jax.config import load_config
@@ -236,7 +237,7 @@ def _number(kind, ok, wanted: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value != value or not ok(value):  # value != value: NaN
+        if value is None or not ok(value):  # NaN fails every comparison
             raise argparse.ArgumentTypeError(f"must be {wanted}, got '{text}'")
         return value
     return parse
