@@ -281,3 +281,16 @@ def test_bad_input_is_one_line_and_changes_nothing(case, world, capsys, monkeypa
     after = _snapshot(world["root"]) | _snapshot(os.path.dirname(world["ckpt"]))
     assert {p: after.get(p) for p in before} == before, "an existing file changed"
     assert not set(after) - set(before), f"left behind: {sorted(set(after) - set(before))}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the cases above simulate it")
+@pytest.mark.parametrize("argv", [GEN + ["--json", "{ro}/answers.json"], TRAIN[:3] + ["workdir={ro}/run"],
+                                  EXPORT + ["--out", "{ro}/hf"]])
+def test_read_only_folder_is_refused_before_any_work(argv, world, tmp_path, capsys):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    assert cli.main([a.format(ro=read_only, **world) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{read_only} is not writable" in err, err
+    assert not list(read_only.iterdir())

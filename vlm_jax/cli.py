@@ -140,8 +140,8 @@ def cmd_eval(args):
         write_atomic(out, json.dumps([r.row() for r in results], indent=2))
 
 
-def _checked_image(path: str) -> str:
-    """`path` when it decodes as an image (the pipeline's own decoder), else one line naming it."""
+def _check_image(path: str):
+    """One line naming `path` unless it decodes as an image (with the data pipeline's own decoder)."""
     from vlm_jax.data.bad_records import BadRecord
     from vlm_jax.data.image_ops import decode_image
     from vlm_jax.paths import user_path
@@ -153,7 +153,6 @@ def _checked_image(path: str) -> str:
         why = {"missing_image": "file not found", "empty_image": f"empty image ({e.detail})"}.get(
             e.reason, f"not an image PIL can decode ({e.detail})")
         raise_user(f"--image {path}: {why}; give a PNG, JPEG or other image file")
-    return path
 
 
 def _field(text: str) -> str:
@@ -175,7 +174,7 @@ def cmd_generate(args):
         raise_user(f"{len(args.image)} --image for {len(args.prompt)} --prompt; give one image per prompt, "
                    "or one image for all")
     for path in dict.fromkeys(images):
-        _checked_image(path)
+        _check_image(path)
     out = _json_out(args.json)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     answerer = load_answerer(args.checkpoint, args.tokenizer, batch_size=len(args.prompt),
@@ -185,8 +184,9 @@ def cmd_generate(args):
         try:
             answerer.preparer.prompt(record)
         except BadRecord as e:
-            raise_user(f"--prompt #{i + 1} with --image {images[i]}: {e.detail or e.reason}; shorten the prompt "
-                       "(the checkpoint's data.shapes.seq_len bounds prompt and image tokens)")
+            fix = ("shorten the prompt (the checkpoint's data.shapes.seq_len bounds prompt and image tokens)"
+                   if e.reason == "too_long" else "fix the prompt")
+            raise_user(f"--prompt #{i + 1} with --image {images[i]}: {e.detail or e.reason}; {fix}")
     rows = [{"image": path, "prompt": prompt, "answer": answer} for path, prompt, answer
             in zip(images, args.prompt, answerer.answer(records, jax.random.PRNGKey(args.seed)))]
     for row in rows:
