@@ -178,7 +178,8 @@ CASES = [
     ("import-out-under-file", ["import", "--hf", "{hf}", "--out", "{a_file}/ckpt"], ["--out:", "a_file is a file"],
      None),
     ("import-out-not-empty", ["import", "--hf", "{hf}", "--out", "{out}"], ["output directory is not empty"], None),
-    ("train-workdir-is-file", TRAIN[:3] + ["workdir={a_file}", "train.synthetic.enabled=true"], ["workdir:", "a_file is a file"], None),
+    ("train-workdir-is-file", TRAIN[:3] + ["workdir={a_file}", "train.synthetic.enabled=true"],
+     ["workdir:", "a_file is a file"], None),
     ("train-workdir-under-file", TRAIN[:3] + ["workdir={a_file}/run", "train.synthetic.enabled=true"],
      ["workdir:", "cannot be created because", "a_file is a file"], None),
     # weights
