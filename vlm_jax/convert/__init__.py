@@ -74,7 +74,8 @@ class HFWeights:
         self.per_layer = per_layer_shapes(self.shapes, self.stacks)
         self.tensors = family.normalize_hf_keys(safetensors_io.read_dir(hf_dir))
         rules = family.rules(cfg)
-        check_hf(self.tensors, rules, self.per_layer, str(hf_dir))
+        self.source = str(hf_dir)
+        check_hf(self.tensors, rules, self.per_layer, self.source)
         self.rules = {r.ours: r for r in rules}
 
     def layers(self, path: str) -> int:
@@ -87,7 +88,7 @@ class HFWeights:
         stack = stack_of(path, self.stacks)
         name = path if stack is None else stack.layer_path(layer) + path[len(stack.prefix):]
         rule = self.rules[name]
-        return rule_to_ours(rule, self.tensors[rule.hf], self.per_layer[name], self.dtype)
+        return rule_to_ours(rule, self.tensors[rule.hf], self.per_layer[name], self.dtype, self.source)
 
     def numpy(self):
         """The whole tree as host arrays."""

@@ -117,10 +117,17 @@ def check_hf(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tup
         if tuple(hf[r.hf].shape) != expected:
             raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(hf[r.hf].shape)} but config.json "
                                   f"implies {expected}")
+        if hf[r.hf].dtype.kind in "biu":
+            raise ConversionError(f"{source}: weight '{r.hf}' has the integer dtype {hf[r.hf].dtype} (quantized or "
+                                  "corrupt?); convert from a floating-point checkpoint")
 
 
-def rule_to_ours(rule: Rule, hf_array, shape: tuple, dtype) -> np.ndarray:
-    return np.asarray(rule.transform.to_ours(np.asarray(hf_array), shape), dtype=dtype)
+def rule_to_ours(rule: Rule, hf_array, shape: tuple, dtype, source: str) -> np.ndarray:
+    out = np.asarray(rule.transform.to_ours(np.asarray(hf_array), shape), dtype=dtype)
+    if bad := int(out.size - np.count_nonzero(np.isfinite(out))):
+        raise ConversionError(f"{source}: weight '{rule.hf}' holds {bad} NaN/Inf values of {out.size}; the "
+                              "checkpoint is corrupt, re-download or re-save it")
+    return out
 
 
 def ours_to_hf(flat: Mapping[str, object], shapes: dict[str, tuple], stacks: list[Stack], rules: list[Rule],

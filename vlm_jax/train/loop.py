@@ -15,7 +15,7 @@ import numpy as np
 from vlm_jax import hardware, sharding
 from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
-from vlm_jax.paths import user_path
+from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
@@ -47,6 +47,7 @@ class Trainer:
     def __init__(self, cfg: Config, devices=None, echo=print):
         if not cfg.workdir:
             raise ConfigError("workdir is not set; pass workdir=DIR (checkpoints and metrics go there)")
+        check_writable(user_path(cfg.workdir, "workdir"), "workdir", folder=True)
         self.cfg, self.echo = cfg, echo
         self.stages = resolve_stages(cfg.train)
         self.end = total_steps(cfg.train, self.stages)
