@@ -10,6 +10,8 @@ import math
 import re
 
 import flax.linen as nn
+import jax
+import numpy as np
 
 from vlm_jax.config import ModelConfig
 from vlm_jax.convert import safetensors_io
