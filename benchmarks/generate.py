@@ -114,7 +114,8 @@ def compare(args, tokenizer):
     (j_pre, j_dec, _), (t_pre, t_dec, _) = rows.values()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.model or args.hf} ({n_params / 1e6:.1f}M parameters): batch {args.batch}, {prompt_tokens} prompt "
-          f"tokens, {args.new_tokens} new tokens per row, {jax.devices()[0].platform} / torch {torch.__version__} with {torch.get_num_threads()} threads")
+          f"tokens, {args.new_tokens} new tokens per row, {jax.devices()[0].platform} / torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads")
     print(f"{'':<24}{'prefill tok/s':>14}{'decode tok/s':>14}{'time to first token':>22}")
     for name, (pre, dec, first) in rows.items():
         print(f"{name:<24}{pre:>14,.0f}{dec:>14,.0f}{first * 1e3:>19.1f} ms")
