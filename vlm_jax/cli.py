@@ -162,18 +162,13 @@ def cmd_eval(args):
 
 
 def _check_image(path: str):
-    """One line naming `path` unless it decodes as an image (with the data pipeline's own decoder)."""
+    """One line naming `path` and what is wrong, unless it decodes as an image (the data pipeline's decoder)."""
     from vlm_jax.data.bad_records import BadRecord
-    from vlm_jax.data.image_ops import decode_image
-    from vlm_jax.paths import user_path
-    if user_path(path, "--image").is_dir():
-        raise_user(f"--image {path}: is a directory; give an image file")
+    from vlm_jax.data.images import decode_image
     try:
         decode_image(path)
     except BadRecord as e:
-        why = {"missing_image": "file not found", "empty_image": f"empty image ({e.detail})"}.get(
-            e.reason, f"not an image PIL can decode ({e.detail})")
-        raise_user(f"--image {path}: {why}; give a PNG, JPEG or other image file")
+        raise_user(f"--image {e.detail}; give a PNG, JPEG or other image file")
 
 
 def _field(text: str) -> str:
