@@ -70,4 +70,6 @@ def test_frozen_groups_and_absent_tiles_change_the_count(tmp_path):
     half = dict(example, aspect_ratio_mask=np.asarray(example["aspect_ratio_mask"]).copy())
     half["aspect_ratio_mask"][:, :, 2:] = 0  # 2 of 4 tiles present
     assert flops.train_flops(m, half, params) < everything
+    padded_slots = dict(example, aspect_ratio_ids=np.zeros_like(example["aspect_ratio_ids"]))  # no image at all
+    assert flops.train_flops(m, padded_slots, params) < flops.train_flops(m, half, params)
     assert flops.train_flops(m, half, params, padded=True) == everything

@@ -45,12 +45,16 @@ class Mllama(Family):
         )
 
     def flops_groups(self, m: ModelConfig, batch: dict, padded: bool = False) -> list[Group]:
-        """The tiled encoder on the tiles present (aspect_ratio_mask; an image's tiles attend jointly), the
-        projector, and the decoder whose cross-attention layers read every present tile's patches."""
+        """The tiled encoder on the tiles present (aspect_ratio_mask of the slots whose aspect_ratio_ids is not 0,
+        the padded-slot id; an image's tiles attend jointly), the projector, and the decoder whose cross-attention
+        layers read every present tile's patches."""
         v, scanned = m.vision, m.scan_layers
         rows, s = batch["input_ids"].shape
         mask = batch["aspect_ratio_mask"]
-        tiles = np.full(mask.shape[:2], v.max_num_tiles) if padded else np.asarray(mask).sum(-1)
+        if padded:
+            tiles = np.full(mask.shape[:2], v.max_num_tiles)
+        else:  # transformers marks tile 0 of padded slots too
+            tiles = np.asarray(mask).sum(-1) * (np.asarray(batch["aspect_ratio_ids"]) > 0)
         total, squares = float(tiles.sum()), float((tiles.astype(np.float64) ** 2).sum())
         p, h = v.padded_num_patches, v.hidden_size
         embed = Group("vision/embed", "vision/(?!transformer/|global_transformer/)",

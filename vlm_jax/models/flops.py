@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from vlm_jax.config import ModelConfig, TextEncoderConfig, ViTConfig
 from vlm_jax.models.text import layer_layout
 
-ATTENTION = r"(input_layernorm|self_attn|cross_attn|attn_gate|gate_attn)\b"
-MLP = r"(post_attention_layernorm|mlp|mlp_gate|gate_ffn)\b"
+ATTENTION, ATTENTION_NORMS = r"(self_attn|cross_attn)/", r"(input_layernorm|attn_gate|gate_attn)\b"
+MLP, MLP_NORMS = r"mlp/", r"(post_attention_layernorm|mlp_gate|gate_ffn)\b"
 
 
 @dataclass(frozen=True)
 class Group:
     name: str
-    params: str  # regex matched at the start of parameter paths: the group's parameters
+    params: str  # regex matched at the start of parameter paths: the weights of the group's matmuls
     forward: float  # forward FLOPs over the whole batch
     inputs: tuple[str, ...] = ()  # the groups whose outputs it reads
+    norms: str = ""  # its norm scales and gates: training one needs the gradient through the group, not its weights'
 
 
 def attention(q_tokens: float, kv_tokens: float, pairs: float, hidden: int, heads: int, kv_heads: int,
@@ -41,8 +42,10 @@ def encoder_groups(prefix: str, stack: str, layers: int, scanned: bool, tokens: 
         path = f"{prefix}{stack}/" + ("" if scanned else f"layers_{i}/")
         name = f"{prefix}{stack}/{i}"
         groups += [Group(f"{name}/attention", path + ATTENTION,
-                         attention(tokens, tokens, pairs, hidden, heads, heads, hidden // heads), previous),
-                   Group(f"{name}/mlp", path + MLP, 4 * tokens * hidden * intermediate, (f"{name}/attention",))]
+                         attention(tokens, tokens, pairs, hidden, heads, heads, hidden // heads), previous,
+                         path + ATTENTION_NORMS),
+                   Group(f"{name}/mlp", path + MLP, 4 * tokens * hidden * intermediate, (f"{name}/attention",),
+                         path + MLP_NORMS)]
         previous = (f"{name}/mlp",)
     return groups
 
@@ -82,9 +85,9 @@ def decoder_groups(m: ModelConfig, rows: int, s: int, cross_tokens: float = 0.0,
             attn = attention(rows * s, rows * s, rows * s * s / 2, t.hidden_size, t.num_heads, t.num_kv_heads,
                              t.head_dim)
             inputs = (previous,)
-        groups += [Group(f"{name}/attention", path + ATTENTION, attn, inputs),
+        groups += [Group(f"{name}/attention", path + ATTENTION, attn, inputs, path + ATTENTION_NORMS),
                    Group(f"{name}/mlp", path + MLP, 6 * rows * s * t.hidden_size * t.intermediate_size,
-                         (f"{name}/attention",))]
+                         (f"{name}/attention",), path + MLP_NORMS)]
         previous = f"{name}/mlp"
     head = "text/(norm|embed_tokens)/" if t.tie_word_embeddings else "text/(norm|lm_head)/"
     return groups + [Group("text/head", head, 2 * rows * s * t.hidden_size * t.vocab_size, (previous,))]
