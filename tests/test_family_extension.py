@@ -13,7 +13,7 @@ from vlm_jax import cli
 from vlm_jax.config import check
 from vlm_jax.config.model import validate_text
 from vlm_jax.families import Family, register_family, synthetic_text
-from vlm_jax.models.flops import text_flops
+from vlm_jax.models.flops import decoder_groups
 from vlm_jax.models.text import DecoderInputs, TextDecoder, packing_defaults
 
 TOY = "toy_text_llama"
@@ -38,7 +38,6 @@ class ToyTextLlama(Family):
     name = TOY
     sections = ("text",)
     model_inputs = ("input_ids", "segment_ids", "positions")
-    towers = ()
 
     def validate(self, m):
         validate_text(m)
@@ -50,8 +49,8 @@ class ToyTextLlama(Family):
     def example_inputs(self, m, batch=1, seq_len=8, num_images=1):
         return dict(input_ids=jnp.zeros((batch, seq_len), jnp.int32))
 
-    def forward_flops(self, m, seq_len, num_images):
-        return {"text": text_flops(m.text, seq_len)}
+    def flops_groups(self, m, batch, padded=False):
+        return decoder_groups(m, *batch["input_ids"].shape)
 
     def synthetic_batch(self, m, data, batch_size, rng):
         return synthetic_text(m, data, batch_size, rng)

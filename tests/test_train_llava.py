@@ -141,15 +141,25 @@ def test_model_inputs_per_family_and_synthetic_batches():
 
 def test_unified_flops_count_tower_connector_and_decoder():
     cfg = _model("llava15_7b")
-    f = flops.forward_flops(cfg, 1024, 1)
+    batch = dict(input_ids=np.zeros((1, 1024), np.int32), pixel_values=np.zeros((1, 1, 3, 336, 336), np.float32))
+    f = {}
+    for g in get_family(cfg).flops_groups(cfg, batch):
+        f[g.name.split("/")[0]] = f.get(g.name.split("/")[0], 0.0) + g.forward
     assert list(f) == ["vision", "connector", "text"]
     assert f["connector"] == 2 * 576 * (1024 * 4096 + 4096 * 4096)  # linear_1, linear_2 on 576 patches
     assert 3.0e11 < f["vision"] < 4.5e11  # ~2 x 0.3B params x 577 tokens, plus attention
     assert 1.3e13 < f["text"] < 1.5e13  # ~2 x 6.7B params x 1024 tokens, plus attention
     # A frozen tower below a trainable connector: no gradient reaches it (1x); the rest train (3x).
-    trainable = frozenset({"connector/projector/fc1/kernel", "text/embed"})
-    assert flops.train_flops_per_sample(cfg, 1024, 1, trainable) == f["vision"] + 3 * (f["connector"] + f["text"])
+    trainable = frozenset({"connector/projector/fc1/kernel", "text/embed_tokens/embedding",
+                           *(f"text/decoder/layer_0/{m}/kernel" for m in ("self_attn/q_proj", "mlp/up_proj")),
+                           "text/lm_head/kernel"})
+    assert flops.train_flops(cfg, batch, trainable) == f["vision"] + 3 * (f["connector"] + f["text"])
     # Only the decoder trains: the connector below it costs one forward too; everything trains: 3x all.
-    assert flops.train_flops_per_sample(cfg, 1024, 1, frozenset({"text/embed"})) == sum(f.values()) + 2 * f["text"]
-    everything = frozenset({"vision/x", "connector/x", "text/x"})
-    assert flops.train_flops_per_sample(cfg, 1024, 1, everything) == 3 * sum(f.values())
+    decoder = frozenset(p for p in trainable if p.startswith("text/"))
+    assert flops.train_flops(cfg, batch, decoder) == f["vision"] + f["connector"] + 3 * f["text"]
+    everything = frozenset({*trainable, "vision/patch_embedding/kernel", "vision/encoder/self_attn/q_proj/kernel",
+                            "vision/encoder/mlp/fc1/kernel"})
+    assert flops.train_flops(cfg, batch, everything) == 3 * sum(f.values())
+    # Padded image slots (image_mask 0) are not billed to the tower or the connector.
+    empty = dict(batch, image_mask=np.zeros((1, 1), np.int32))
+    assert flops.train_flops(cfg, empty, everything) == 3 * f["text"]

@@ -87,9 +87,10 @@ def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, de
     batch = _abstract_batch(data, stage, mesh, rules)
     step = make_train_step(model, cfg.train, stage, stage_plan.tx, stage_plan.trainable, stage_plan.shardings,
                            {k: v.sharding for k, v in batch.items()}, mesh, rules)
-    seq_len, num_images = data.sample_shape(stage.index)
+    seq_len = data.sample_shape(stage.index)[0]
     rows = data.global_batch(stage.index)
-    per_sample = flops.train_flops_per_sample(cfg.model, seq_len, num_images, stage_plan.trainable)
+    example = data.example_batch(stage.index)
+    per_sample = flops.train_flops(cfg.model, example, stage_plan.trainable, padded=True) / len(example["input_ids"])
     report = dict(stage=stage.name, hbm_bytes=s.chip.hbm_bytes // topology.devices_per_chip(s, devices),
                   model_flops=per_sample * rows / len(devices), tokens=rows * seq_len, assumed_mfu=assumed_mfu,
                   peak_flops=s.chip.peak_bf16_flops / topology.devices_per_chip(s, devices))
@@ -135,7 +136,7 @@ def format_report(r: StageReport) -> str:
         f"  memory per device: arguments {g(r.argument_bytes)}, temporaries {g(r.temp_bytes)}, outputs "
         f"{g(r.output_bytes - r.alias_bytes)} (+{g(r.alias_bytes)} donated), code {g(r.code_bytes)}",
         f"  total {g(r.total_bytes)} of {g(r.hbm_bytes)} HBM -> {verdict} ({100 * r.total_bytes / r.hbm_bytes:.0f}%)",
-        f"  FLOPs per step per device: model {r.model_flops:.3e} (config), XLA {r.xla_flops:.3e} (compiled; "
+        f"  FLOPs per step per device: model {r.model_flops:.3e} (config, every image tile), XLA {r.xla_flops:.3e} (compiled; "
         "counts each scanned loop body once)",
         f"  step time: {peak_s:.3f} s at peak, {mfu_s:.3f} s at {100 * r.assumed_mfu:.0f}% MFU -> "
         f"{r.tokens / mfu_s:,.0f} tokens/s for the slice ({r.tokens:,} tokens per step)",

@@ -96,6 +96,7 @@ class TrainConfig:
     # exact-match accuracy as eval_accuracy/<name>/<split> (0 = loss only). Needs a cross-attention model.
     eval_examples: int = 0
     peak_flops_per_device: float = 0.0  # for MFU; 0 = the device kind's in vlm_jax/hardware.py (CPU: measured)
+    profile_steps: tuple[int, ...] = ()  # [a, b]: a jax.profiler trace of steps a..b into <workdir>/profile
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
@@ -135,6 +136,8 @@ def validate_train(t: TrainConfig):
     check(t.checkpoint.every_steps > 0, f"train.checkpoint.every_steps must be positive, got {t.checkpoint.every_steps}")
     check(t.checkpoint.max_to_keep > 0, f"train.checkpoint.max_to_keep must be positive, got {t.checkpoint.max_to_keep}")
     check(t.log.every_steps > 0, f"train.log.every_steps must be positive, got {t.log.every_steps}")
+    check(not t.profile_steps or (len(t.profile_steps) == 2 and 0 < t.profile_steps[0] < t.profile_steps[1]),
+          f"train.profile_steps must be [] or two steps [a, b] with 0 < a < b, got {list(t.profile_steps)}")
     check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
     _validate_schedule(t.schedule, "train.schedule")
     if t.init_from:

@@ -12,6 +12,7 @@ import numpy as np
 from vlm_jax.config import ModelConfig, SyntheticDataConfig
 from vlm_jax.data.spec import InputSpec
 from vlm_jax.errors import ConfigError
+from vlm_jax.models.flops import Group
 from vlm_jax.registry import FAMILIES
 
 FIRST_WORD_ID = 3  # synthetic text: ids below are reserved (pad/bos/eos in the tiny vocabularies)
@@ -27,7 +28,6 @@ class Family:
     hf_model_types: tuple[str, ...] = ()  # HF config.json model_type values it imports
     model_inputs: tuple[str, ...] = ()  # batch keys its model takes as keyword arguments
     generation_inputs: tuple[str, ...] | None = None  # image inputs `generate` passes; None = cannot generate
-    towers: tuple[str, ...] = ("vision",)  # parameter subtrees nothing feeds (a frozen tower needs no gradient)
 
     def validate(self, m: ModelConfig):
         """Raises a one-line ConfigError for the first problem in the sections it reads."""
@@ -39,8 +39,10 @@ class Family:
         """Smallest inputs that touch every parameter: used for init and abstract shapes."""
         raise NotImplementedError
 
-    def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
-        """Forward FLOPs of one sample per component (named as the parameter subtrees), in data-flow order."""
+    def flops_groups(self, m: ModelConfig, batch: dict, padded: bool = False) -> list[Group]:
+        """Forward FLOPs of `batch` (host arrays or shapes; all its rows) per parameter group, in data-flow order
+        (vlm_jax/models/flops.py). Images and tiles are billed where the batch's masks say one is present; with
+        `padded`, every slot and tile of its shapes (what the compiled step computes)."""
         raise NotImplementedError
 
     def input_spec(self, m: ModelConfig) -> InputSpec:

@@ -8,7 +8,7 @@ from vlm_jax.config import ModelConfig, SyntheticDataConfig, check
 from vlm_jax.config.model import validate_text_encoder, validate_vit
 from vlm_jax.families.base import Family, register_family
 from vlm_jax.models.contrastive import ContrastiveDualEncoder
-from vlm_jax.models.flops import text_encoder_flops, vit_flops
+from vlm_jax.models.flops import Group, text_encoder_groups, vit_groups
 
 
 class DualEncoder(Family):
@@ -16,7 +16,6 @@ class DualEncoder(Family):
     train_data = "contrastive"
     hf_conversion = "vlm_jax.convert.contrastive"
     model_inputs = ("input_ids", "pixel_values", "attention_mask")
-    towers = ("vision", "text")  # side by side: neither feeds the other
 
     def validate(self, m: ModelConfig):
         check(m.vit is not None and m.text_encoder is not None,
@@ -33,9 +32,12 @@ class DualEncoder(Family):
         return dict(input_ids=jnp.zeros((batch, min(seq_len, m.text_encoder.max_position_embeddings)), jnp.int32),
                     pixel_values=jnp.zeros((batch, v.num_channels, v.image_size, v.image_size), jnp.float32))
 
-    def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
-        """One (image, caption) pair: both towers; the projections and the B x B similarity are negligible."""
-        return {"vision": vit_flops(m.vit, 1), "text": text_encoder_flops(m.text_encoder, seq_len)}
+    def flops_groups(self, m: ModelConfig, batch: dict, padded: bool = False) -> list[Group]:
+        """Both towers side by side (neither feeds the other) on every (image, caption) pair; the projections
+        and the B x B similarity are negligible."""
+        rows, s = batch["input_ids"].shape
+        return [*vit_groups(m.vit, "vision", rows, m.scan_layers), *text_encoder_groups(m.text_encoder, rows, s,
+                                                                                         m.scan_layers)]
 
     def synthetic_batch(self, m: ModelConfig, data: SyntheticDataConfig, batch_size: int,
                         rng: np.random.Generator) -> dict[str, np.ndarray]:

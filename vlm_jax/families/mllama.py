@@ -10,7 +10,7 @@ from vlm_jax.data.spec import InputSpec
 from vlm_jax.data.tiling import supported_aspect_ratios
 from vlm_jax.errors import ConfigError
 from vlm_jax.families.base import Family, register_family, synthetic_text
-from vlm_jax.models.flops import text_flops
+from vlm_jax.models.flops import Group, decoder_groups, encoder_groups
 from vlm_jax.models.vlm import CrossAttentionVLM
 
 IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
@@ -44,20 +44,30 @@ class Mllama(Family):
             cross_attention_mask=jnp.ones((batch, seq_len, num_images, t), jnp.int32),
         )
 
-    def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
-        """The vision tower runs on every padded tile (max_num_tiles per image), as the model does."""
-        v, t = m.vision, m.text
-        tiles = num_images * v.max_num_tiles
-        vision_tokens = tiles * v.padded_num_patches  # per image: all tiles attend jointly
-        per_image = v.max_num_tiles * v.padded_num_patches
-        h = v.hidden_size
-        vision_layer = (2 * vision_tokens * (4 * h * h + 2 * h * v.intermediate_size)
-                        + 4 * num_images * per_image ** 2 * h)
-        vision = (2 * tiles * v.num_patches * v.num_channels * v.patch_size ** 2 * h
-                  + (v.num_layers + v.num_global_layers) * vision_layer)
-        cross_tokens = tiles * v.num_patches
-        projector = 2 * cross_tokens * v.output_dim * t.hidden_size
-        return {"vision": float(vision), "projector": float(projector), "text": text_flops(t, seq_len, cross_tokens)}
+    def flops_groups(self, m: ModelConfig, batch: dict, padded: bool = False) -> list[Group]:
+        """The tiled encoder on the tiles present (aspect_ratio_mask of the slots whose aspect_ratio_ids is not 0,
+        the padded-slot id; an image's tiles attend jointly), the projector, and the decoder whose cross-attention
+        layers read every present tile's patches."""
+        v, scanned = m.vision, m.scan_layers
+        rows, s = batch["input_ids"].shape
+        mask = batch["aspect_ratio_mask"]
+        if padded:
+            tiles = np.full(mask.shape[:2], v.max_num_tiles)
+        else:  # transformers marks tile 0 of padded slots too
+            tiles = np.asarray(mask).sum(-1) * (np.asarray(batch["aspect_ratio_ids"]) > 0)
+        total, squares = float(tiles.sum()), float((tiles.astype(np.float64) ** 2).sum())
+        p, h = v.padded_num_patches, v.hidden_size
+        embed = Group("vision/embed", "vision/(?!transformer/|global_transformer/)",
+                      2 * total * v.num_patches * v.num_channels * v.patch_size ** 2 * h)
+        layer = dict(scanned=scanned, tokens=total * p, pairs=squares * p * p, hidden=h,
+                     intermediate=v.intermediate_size, heads=v.num_heads)
+        local = encoder_groups("vision/", "transformer", v.num_layers, inputs=(embed.name,), **layer)
+        global_ = encoder_groups("vision/", "global_transformer", v.num_global_layers, inputs=(local[-1].name,),
+                                 **layer)
+        projector = Group("projector", "projector/", 2 * total * v.num_patches * v.output_dim * m.text.hidden_size,
+                          (global_[-1].name,))
+        return [embed, *local, *global_, projector,
+                *decoder_groups(m, rows, s, total * v.num_patches, projector.name)]
 
     def input_spec(self, m: ModelConfig) -> InputSpec:
         v = m.vision

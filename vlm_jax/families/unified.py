@@ -9,7 +9,7 @@ from vlm_jax.config import ModelConfig, SyntheticDataConfig, check
 from vlm_jax.config.model import ACTIVATIONS, validate_text, validate_vit
 from vlm_jax.data.spec import TOWER_NORMALIZATION, InputSpec
 from vlm_jax.families.base import Family, register_family, synthetic_text
-from vlm_jax.models.flops import text_flops, vit_flops
+from vlm_jax.models.flops import Group, decoder_groups, vit_groups
 from vlm_jax.models.unified import UnifiedVLM, feature_tokens, tokens_per_image
 from vlm_jax.registry import CONNECTORS
 
@@ -17,7 +17,6 @@ from vlm_jax.registry import CONNECTORS
 class Unified(Family):
     sections = ("vit", "ocr_vit", "connector", "text")
     model_inputs = ("input_ids", "pixel_values", "image_mask", "segment_ids", "positions")
-    towers = ("vision", "ocr_vision")
 
     def validate(self, m: ModelConfig):
         c = m.connector
@@ -43,14 +42,19 @@ class Unified(Family):
         return dict(input_ids=jnp.zeros((batch, seq_len), jnp.int32), pixel_values=jnp.zeros(
             (batch, num_images, v.num_channels, v.image_size, v.image_size), jnp.float32))
 
-    def forward_flops(self, m: ModelConfig, seq_len: int, num_images: int) -> dict[str, float]:
-        """Every image slot is encoded; the image tokens are part of the decoder's seq_len."""
-        out = {"vision": vit_flops(m.vit, num_images)}
+    def flops_groups(self, m: ModelConfig, batch: dict, padded: bool = False) -> list[Group]:
+        """The towers on every present image (image_mask), the connector, the decoder on the whole sequence (image
+        tokens included)."""
+        rows, s = batch["input_ids"].shape
+        mask = batch.get("image_mask")
+        images = float(np.prod(batch["pixel_values"].shape[:2]) if padded or mask is None else np.asarray(mask).sum())
+        towers = [vit_groups(m.vit, "vision", images, m.scan_layers)]
         if m.ocr_vit is not None:
-            out["ocr_vision"] = vit_flops(m.ocr_vit, num_images)
-        out["connector"] = float(num_images * CONNECTORS.get(m.connector.kind).forward_flops(m, feature_tokens(m)))
-        out["text"] = text_flops(m.text, seq_len)
-        return out
+            towers.append(vit_groups(m.ocr_vit, "ocr_vision", images, m.scan_layers))
+        connector = Group("connector", "connector/",
+                          images * CONNECTORS.get(m.connector.kind).forward_flops(m, feature_tokens(m)),
+                          tuple(t[-1].name for t in towers))
+        return [*(g for t in towers for g in t), connector, *decoder_groups(m, rows, s, embeds_from=(connector.name,))]
 
     def input_spec(self, m: ModelConfig) -> InputSpec:
         """Each image slot is one model.vit.image_size square, expanded to as many <image> tokens as the connector

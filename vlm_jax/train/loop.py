@@ -24,6 +24,7 @@ from vlm_jax.train.data import open_train_data
 from vlm_jax.train.init_from import InitSource, differing_model_field
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.preemption import StopSignal
+from vlm_jax.train.profiler import StepProfiler
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
 from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings, init_opt_state, scalars
 from vlm_jax.train.step import batch_shardings, make_eval_step, make_train_step
@@ -256,62 +257,88 @@ class Trainer:
         return result
 
     def _stage(self, mgr, logger, state, owner, stage, plan, source, stop, result, peak, n_devices):
-        """Runs `stage` up to its end (or a stop signal); returns (state, step, the last saved data_iter item)."""
+        """Runs `stage` up to its end (or a stop signal); returns (state, step, the last saved data_iter item).
+
+        The host never waits for a step before dispatching the next one: step N's metrics are read after step N+1
+        is queued (its NaN/Inf check and log line come one step late). Only a step that evaluates, saves or stops
+        (and the stage's last) is waited for at once, since those read its state before the next step donates it.
+        Step times are the intervals between consecutive metric arrivals."""
         train, step, data_iter = self.cfg.train, int(state.step), {}
         example, rows = self.data.example_batch(stage.index), self.data.global_batch(stage.index)
-        seq_len, num_images = self.data.sample_shape(stage.index)
         batch_sh = batch_shardings(example, self.mesh, self.rules)
         step_fn = make_train_step(self.model, train, stage, plan.tx, plan.trainable, plan.shardings,
                                   batch_sh, self.mesh, self.rules)
         eval_fn = make_eval_step(self.model, train, plan.shardings.params, batch_sh, self.mesh, self.rules)
-        tokens = rows * seq_len
-        step_flops = rows * flops.train_flops_per_sample(self.cfg.model, seq_len, num_images, plan.trainable)
-        stage_end, timed, last, first_call = min(stage.end, self.end), [], time.perf_counter(), True
-        while step < stage_end:
-            batch = self.place(next(source))
-            if first_call:
-                self.echo(f"compiling the train step of stage '{stage.name}' ...")
-            state, metrics = step_fn(state, batch)
-            metrics = jax.device_get(metrics)  # a sync per step: the NaN/Inf streak is checked at once
-            step, elapsed = step + 1, time.perf_counter() - last
-            if first_call:  # its time (compile included) is left out of step times and ETAs
-                self.echo(f"compiled and ran the first step in {elapsed:.1f} s")
-            else:
-                timed.append(elapsed)
-            first_call = False
-            result.losses[step] = float(metrics["loss"])
-            if metrics["nonfinite_streak"] >= train.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{int(metrics['nonfinite_streak'])} consecutive steps up to {step} had a non-finite loss "
-                    f"or gradient (updates skipped); lower the learning rate or check the data, then resume "
-                    f"from the last checkpoint")
-            eval_due = train.eval_every and step % train.eval_every == 0
-            stopping = stop.agreed()  # collective: every process stops after the same step, or none does
-            if step % train.log.every_steps == 0 or step == stage_end or eval_due or stopping:
-                step_time = float(np.mean(timed)) if timed else elapsed
-                record = dict(
-                    step=step, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
-                    lr=float(metrics["lr"]), tokens_per_s=tokens / step_time, step_time_s=step_time,
-                    tflops_per_device=step_flops / step_time / n_devices / 1e12,
-                    **({"mfu": step_flops / step_time / (peak.flops * n_devices)} if peak.flops else {}),
-                    supervised_fraction=float(metrics["supervised_tokens"]) / tokens,
-                    z_loss=float(metrics["z_loss"]), nonfinite_total=int(state.nonfinite_total),
-                    stage=stage.name)
+        tokens = rows * self.data.sample_shape(stage.index)[0]
+        stage_end, pending, timing = min(stage.end, self.end), None, _Timing()
+        profiler = StepProfiler(self.cfg.workdir, train.profile_steps, self.echo)
+        try:
+            while step < stage_end:
+                host = next(source)
+                step_flops = flops.train_flops(self.cfg.model, host, plan.trainable) * rows / len(host["input_ids"])
+                if timing.first:
+                    self.echo(f"compiling the train step of stage '{stage.name}' ...")
+                profiler.before(step + 1)
+                state, metrics = step_fn(state, self.place(host))
+                step += 1
+                profiler.after(step, metrics)
+                if pending is not None:  # the previous step's metrics, while this one runs
+                    record = self._record(pending, timing, stage, stage_end, False, tokens, peak, n_devices, result)
+                    if record is not None:
+                        logger.write(record)
+                pending = (step, metrics, step_flops)
+                eval_due = bool(train.eval_every and step % train.eval_every == 0)
+                stopping = stop.agreed()  # collective: every process stops after the same step, or none does
+                save_due = step % train.checkpoint.every_steps == 0 or step == stage_end or stopping
+                if not (eval_due or save_due):
+                    continue
+                record = self._record(pending, timing, stage, stage_end, stopping, tokens, peak, n_devices, result)
+                pending = None
                 if eval_due:
                     record["eval_loss"] = self.evaluate(eval_fn, state.params, stage)
                     record.update(self.task_metrics(state.params, stage))
-                logger.write(record)
-                timed = []
-            if step % train.checkpoint.every_steps == 0 or step == stage_end or stopping:
+                if record is not None:
+                    logger.write(record)
                 data_iter = {"stage": stage.index, "iter": self.iter_state(source)}
                 self.save(mgr, state, owner, data_iter)
-            last = time.perf_counter()  # logging and saving are not step time
-            if stopping:
-                mgr.wait_until_finished()
-                self.echo(f"stopped by {stopping} at step {step}; checkpoint saved, run again to resume")
-                result.state, result.stopped_by_signal = state, True
-                return state, step, data_iter
+                timing.restart()  # evaluating and saving are not step time
+                if stopping:
+                    mgr.wait_until_finished()
+                    self.echo(f"stopped by {stopping} at step {step}; checkpoint saved, run again to resume")
+                    result.state, result.stopped_by_signal = state, True
+                    return state, step, data_iter
+        finally:
+            profiler.stop()
         return state, step, data_iter
+
+    def _log_due(self, step: int, stage_end: int, stopping) -> bool:
+        train = self.cfg.train
+        return bool(step % train.log.every_steps == 0 or step == stage_end or stopping
+                    or (train.eval_every and step % train.eval_every == 0))
+
+    def _record(self, pending, timing, stage, stage_end, stopping, tokens, peak, n_devices, result) -> dict | None:
+        """Reads a dispatched step's metrics (waiting for it), stops on a NaN/Inf streak, and returns its log
+        record when the step is logged (else None)."""
+        step, metrics, step_flops = pending
+        metrics = jax.device_get(metrics)
+        if timing.arrived(step_flops):
+            self.echo(f"compiled and ran the first step in {timing.first_s:.1f} s")
+        result.losses[step] = float(metrics["loss"])
+        if metrics["nonfinite_streak"] >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{int(metrics['nonfinite_streak'])} consecutive steps up to {step} had a non-finite loss "
+                f"or gradient (updates skipped); lower the learning rate or check the data, then resume "
+                f"from the last checkpoint")
+        if not self._log_due(step, stage_end, stopping):
+            return None
+        step_time, step_flops = timing.take()
+        return dict(
+            step=step, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+            lr=float(metrics["lr"]), tokens_per_s=tokens / step_time, step_time_s=step_time,
+            tflops_per_device=step_flops / step_time / n_devices / 1e12,
+            **({"mfu": step_flops / step_time / (peak.flops * n_devices)} if peak.flops else {}),
+            supervised_fraction=float(metrics["supervised_tokens"]) / tokens,
+            z_loss=float(metrics["z_loss"]), nonfinite_total=int(metrics["nonfinite_total"]), stage=stage.name)
 
     def evaluate(self, eval_fn, params, stage: Stage) -> float:
         """Loss per supervised unit (token, or row for contrastive objectives) over the first
@@ -332,6 +359,38 @@ class Trainer:
             metrics.update(evaluator(self.model, params, self.data, stage.index, self.cfg.train.eval_examples,
                                      self.mesh, self.rules))
         return metrics
+
+
+class _Timing:
+    """Step times from metric arrivals: the first step of a stage (compile included) is reported alone and left
+    out of the means; `restart` drops the interval spent evaluating or saving."""
+
+    def __init__(self):
+        self.last, self.first, self.first_s = time.perf_counter(), True, 0.0
+        self.times, self.flops = [], []
+
+    def arrived(self, step_flops: float) -> bool:
+        """Records one step's arrival; True for the stage's first."""
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        first, self.first = self.first, False
+        if first:
+            self.first_s, self.first_flops = elapsed, step_flops
+        else:
+            self.times.append(elapsed)
+            self.flops.append(step_flops)
+        return first
+
+    def take(self) -> tuple[float, float]:
+        """(mean step time, mean step FLOPs) since the last call; the first step's own when nothing else came."""
+        if not self.times:
+            return self.first_s, self.first_flops
+        out = float(np.mean(self.times)), float(np.mean(self.flops))
+        self.times, self.flops = [], []
+        return out
+
+    def restart(self):
+        self.last = time.perf_counter()
 
 
 def train(cfg: Config, devices=None, echo=print) -> RunResult:

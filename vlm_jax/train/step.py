@@ -83,7 +83,8 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         metrics = dict(loss=loss, z_loss=sums.z / denom, grad_norm=grad_norm,
                        lr=factor * stage.schedule.learning_rate, supervised_tokens=sums.weight,
-                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new_state.nonfinite_streak)
+                       skipped=(~finite).astype(jnp.int32), nonfinite_streak=new_state.nonfinite_streak,
+                       nonfinite_total=new_state.nonfinite_total)
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
