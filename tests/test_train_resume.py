@@ -55,9 +55,10 @@ def _committed(workdir):
 def _wait_for(predicate, proc, timeout=240.0, poll=0.02):
     deadline = time.time() + timeout
     while time.time() < deadline:
+        exited = proc.poll() is not None  # read before the predicate: a run may commit, then exit, in between
         if predicate():
             return True
-        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert not exited, proc.communicate()[0][-2000:]
         time.sleep(poll)
     raise AssertionError("timed out waiting for the training subprocess")
 
