@@ -86,7 +86,7 @@ def test_generate_and_eval_commands(trained_like, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--image", "missing.png", "--prompt", "q"], "--image missing.png: file not found"),
+    (["--image", "missing.png", "--prompt", "q"], "--image missing.png: no such file"),
     (["--image", "a.png", "--image", "b.png", "--prompt", "q"], "2 --image for 1 --prompt"),
 ])
 def test_generate_bad_input_is_one_line(trained_like, argv, expected, capsys):
