@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_jax.data import (DataConfig, InputSpec, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig,
-                          build_pipeline, build_source, get_task, list_tasks, task_texts, train_sentencepiece)
+from vlm_jax.data import (DataConfig, ExamplePreparer, InputSpec, PackingConfig, ShapeConfig, SourceConfig,
+                          WorkerConfig, build_pipeline, build_source, get_task, get_template, list_tasks, task_texts,
+                          train_sentencepiece)
 from vlm_jax.data import tokenizer as tok
 from vlm_jax.errors import ConfigError
 
@@ -58,6 +59,10 @@ def test_pair_rows_share_prompt_and_images_and_supervise_only_the_answers(tokeni
         np.testing.assert_array_equal(batch["input_ids"][c, :start], batch["input_ids"][r, :start])
         answers = [_answer(tokenizer, batch["input_ids"][row], batch["loss_mask"][row]) for row in (c, r)]
         assert answers[0] != answers[1] and set(answers) <= chosen
+    preparer = ExamplePreparer(SPEC, get_template("simple", tokenizer), cfg.image, cfg.shapes)
+    record = build_source(SourceConfig("embedded_preference", "shapes_color"))[0]
+    example, reference = preparer.prompt(record)  # greedy-answer accuracy scores against the chosen answer
+    assert reference == record["chosen"] and not example["loss_mask"].any()
     with pytest.raises(ConfigError, match="packing"):
         build_pipeline(dataclasses.replace(cfg, packing=PackingConfig(True)), tokenizer, SPEC, pairs=True)
     with pytest.raises(ConfigError, match="even"):

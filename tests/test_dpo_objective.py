@@ -1,5 +1,6 @@
 """The DPO objective equals TRL's sigmoid DPO loss re-implemented here from full logits (numpy for the loss, plain
-jax for the gradients), with label smoothing and the SFT term, for the cross-attention and the unified family."""
+jax for the gradients), with label smoothing and the SFT term, for the cross-attention and the unified family;
+gradient accumulation splits a batch by whole pairs."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,11 @@ import pytest
 from vlm_jax.config import DpoConfig, SyntheticDataConfig, TrainConfig, load_config
 from vlm_jax.families import build_model, get_family, init_params
 from vlm_jax.objectives import REFERENCE_LOGPS
+from vlm_jax.errors import ConfigError
 from vlm_jax.registry import OBJECTIVES
+from vlm_jax.train.data import open_train_data
+from vlm_jax.train.recipe import resolve_stages
+from vlm_jax.train.step import _microbatches
 from train_helpers import ROOT
 
 DPO = DpoConfig(beta=0.3, label_smoothing=0.1, sft_weight=0.5)
@@ -92,3 +97,29 @@ def test_dpo_loss_and_gradients_equal_trl_formula(config, seq_len):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_microbatches_keep_preference_pairs_whole():
+    batch = {"x": np.arange(16), "y": np.arange(32).reshape(16, 2)}
+    pairs = _microbatches(batch, 2, group=2)
+    np.testing.assert_array_equal(pairs["x"], [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]])
+    np.testing.assert_array_equal(pairs["y"][1, :2], [[4, 5], [6, 7]])
+    rows = _microbatches(batch, 4, group=1)  # plain rows: every 4th row, as before
+    np.testing.assert_array_equal(rows["x"][1], [1, 5, 9, 13])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.objective=dpx"], "train.objective: unknown objective 'dpx'"),
+    (["train.dpo.beta=0"], "train.dpo.beta must be positive"),
+    (["train.stages=[{name: dpo, steps: 2, objective: dpo, dpo: {label_smoothing: 0.5}}]"],
+     r"train.stages\[0\].dpo.label_smoothing must be in \[0, 0.5\)"),
+    (["train.objective=dpo", "train.synthetic.enabled=true", "workdir=/tmp/unused"],
+     "stage 'train': objective 'dpo' reads preference pairs, which the 'synthetic' data"),
+])
+def test_dpo_config_mistakes_are_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        open_train_data(*_staged(load_config(f"{ROOT}/configs/models/tiny_mllama.yaml", ["train.steps=2", *overrides])))
+
+
+def _staged(cfg):
+    return cfg, resolve_stages(cfg.train), get_family(cfg.model)

@@ -67,9 +67,10 @@ class ExamplePreparer:
 
     def prompt(self, record: dict) -> tuple[dict, str]:
         """(example, reference answer) for generation: the turns before a final assistant turn, ending with the
-        assistant header; the reference is that turn's text ("" when the record ends with a user turn)."""
+        assistant header; the reference is that turn's text, or a preference record's chosen answer ("" when
+        there is neither)."""
         turns = place_images(record["turns"], len(record["images"]))
-        answer = ""
+        answer = record.get("chosen", "")
         if turns[-1][0] == "assistant":
             turns, answer = turns[:-1], turns[-1][1]
         return self._build(self._tiles(record["images"]), turns, generation=True), answer
