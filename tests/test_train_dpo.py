@@ -1,6 +1,6 @@
 """DPO through `vlm-jax train` (configs/examples/dpo_mllama.yaml: embedded preference pairs, the Grain pipeline):
 held-out reward accuracy and margin rise above chance; the frozen reference is the starting params, bitwise, and
-stays so; 1 and 8 devices agree; a run cut in two (1 device, then 8) resumes against the same saved reference."""
+stays so; 1 and 8 devices agree; a run cut in two resumes against the same saved reference, bitwise exactly."""
 import json
 import os
 
@@ -39,8 +39,7 @@ def on_8(tmp_path_factory):
 
 def test_held_out_reward_accuracy_and_margin_rise(on_8):
     workdir, _, result = on_8
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        evals = {r["step"]: r for r in map(json.loads, f) if "eval_loss" in r}
+    evals = {step: r for step, r in _records(workdir).items() if "eval_loss" in r}
     assert sorted(evals) == [8, 16, 24]
     first, last = evals[8], evals[24]
     assert last["eval_reward_accuracy"] > 0.65 and last["eval_reward_accuracy"] > first["eval_reward_accuracy"]
@@ -64,17 +63,42 @@ def test_reference_is_the_starting_params_bitwise_and_never_updated(on_8, tmp_pa
     assert any(not np.array_equal(moved[k], start[k]) for k in start)  # while the policy trained
 
 
-def test_one_device_agrees_with_eight_and_resume_keeps_the_reference(on_8, tmp_path):
-    _, trainer_8, on_8_result = on_8
+def _records(workdir) -> dict[int, dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def on_1(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("dpo1"))
+    trainer = _trainer(workdir, 1)
+    return workdir, trainer, trainer.run()
+
+
+def test_one_device_agrees_with_eight(on_8, on_1):
+    # The first step's gradient (same params, same reference) and the loss after one update. Later steps drift
+    # apart by more than 1e-5: the DPO gradient is the small difference of the chosen and rejected answers'
+    # gradients, fp32 reduction order changes it at 1e-6 relative, and Adam's per-parameter normalisation
+    # magnifies that (0.4% apart after 24 steps).
+    eight, one = _records(on_8[0]), _records(on_1[0])
+    np.testing.assert_allclose(one[1]["grad_norm"], eight[1]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(one[2]["loss"], eight[2]["loss"], rtol=1e-4)
+    assert one[1]["loss"] == pytest.approx(np.log(2), rel=1e-6)  # policy == reference: every margin is 0
+
+
+def test_resume_reads_the_same_reference_and_is_bitwise_exact(on_1, tmp_path):
+    ref_dir, ref_trainer, ref_result = on_1
     workdir = str(tmp_path / "cut")
     first = _trainer(workdir, 1, f"train.steps={STEPS // 2}").run()
     messages = []
-    second_trainer = _trainer(workdir, 8, echo=messages.append)
+    second_trainer = _trainer(workdir, 1, echo=messages.append)
     second = second_trainer.run()
     assert any("resumed" in m and f"step {STEPS // 2}" in m for m in messages)
     assert not any("reference model = the params" in m for m in messages)  # read back, not re-taken
-    want = [on_8_result.losses[s] for s in range(1, STEPS + 1)]
-    got = [first.losses[s] for s in range(1, STEPS // 2 + 1)] + [second.losses[s] for s in range(STEPS // 2 + 1, STEPS + 1)]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for (name, a), b in zip(_host(second_trainer.reference).items(), _host(trainer_8.reference).values()):
+    got = {**first.losses, **second.losses}
+    assert got == ref_result.losses
+    for (name, a), b in zip(_host(second_trainer.reference).items(), _host(ref_trainer.reference).values()):
         np.testing.assert_array_equal(a, b, err_msg=name)
+    want = _host(ref_result.state.params)
+    for name, a in _host(second.state.params).items():
+        np.testing.assert_array_equal(a, want[name], err_msg=name)

@@ -59,7 +59,8 @@ class Trainer:
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
         self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
-        self.reference = None  # the frozen reference params of the running preference stage (never updated)
+        # A preference stage's frozen reference params (never updated) and its jitted answer log-probs.
+        self.reference = self.reference_logps = None
 
     def plan(self, stage: Stage) -> StagePlan:
         if stage.index not in self.plans:
@@ -204,6 +205,12 @@ class Trainer:
     def place(self, batch: dict) -> dict:
         return self.data.place(batch, self.mesh, self.rules)
 
+    def prepare(self, batch: dict) -> dict:
+        """A placed batch, plus the reference's answer log-probs in a preference stage."""
+        if self.reference_logps is None:
+            return batch
+        return {**batch, REFERENCE_LOGPS: self.reference_logps(self.reference, batch)}
+
     def iter_state(self, source) -> dict:
         return self.data.state(source)
 
@@ -265,12 +272,11 @@ class Trainer:
         step_fn = make_train_step(self.model, train, stage, plan.tx, plan.trainable, plan.shardings,
                                   batch_sh, self.mesh, self.rules)
         eval_fn = make_eval_step(self.model, train, stage, plan.shardings.params, batch_sh, self.mesh, self.rules)
-        self.reference = prepare = None
+        self.reference = self.reference_logps = None
         if is_paired(get_objective(self.cfg.model, stage_train_config(train, stage))):
             self.reference = self.load_reference(state, stage, plan)
-            prepare = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh, self.mesh,
-                                          self.rules)
-        self.prepare = lambda b: b if prepare is None else {**b, REFERENCE_LOGPS: prepare(self.reference, b)}
+            self.reference_logps = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh,
+                                                       self.mesh, self.rules)
         tokens = rows * seq_len
         step_flops = rows * flops.train_flops_per_sample(self.cfg.model, seq_len, num_images, plan.trainable)
         stage_end, timed, last, first_call = min(stage.end, self.end), [], time.perf_counter(), True
