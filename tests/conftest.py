@@ -14,9 +14,46 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def hf_mllama_dir(tmp_path_factory):
-    """A tiny random HF Mllama (non-zero gates) saved with save_pretrained; returns (torch model, dir)."""
-    from hf_models import tiny_mllama
-    model = tiny_mllama()
+    """A tiny random HF Mllama (non-zero gates) saved as an official checkpoint is; returns (torch model, dir).
+
+    config.json holds the vision indices in Meta's convention (TINY_VISION's [1, 3], the state entering layer i),
+    as every Llama 3.2 Vision config.json does. transformers 5.x reads an index as layer i's output, so the torch
+    reference is built with [0, 2] to compute that same model."""
+    import json
+
+    from hf_models import TINY_VISION, tiny_mllama
+    meta = TINY_VISION["intermediate_layers_indices"]
+    model = tiny_mllama(vision={"intermediate_layers_indices": [i - 1 for i in meta]})
     path = tmp_path_factory.mktemp("hf_mllama")
     model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"]["intermediate_layers_indices"] = meta
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     return model, str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_like(tmp_path_factory):
+    """A tiny Mllama (random, gates open so the image matters) with a tokenizer trained on the embedded tasks,
+    saved as a checkpoint with that tokenizer in its config: (cfg, model, params, tokenizer, checkpoint dir)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from train_helpers import TINY
+    from vlm_jax.config import Config, load_config
+    from vlm_jax.data import task_texts, train_sentencepiece
+    from vlm_jax.families import build_model, init_params
+    from vlm_jax.train import checkpoint
+    root = tmp_path_factory.mktemp("infer")
+    tokenizer_path = str(root / "tokenizer.model")
+    tokenizer = train_sentencepiece(task_texts(), vocab_size=128, path=tokenizer_path)
+    cfg = load_config(TINY, [f"model.image_token_index={tokenizer.image_id}", f"data.tokenizer={tokenizer_path}",
+                             "data.shapes={batch_size: 4, seq_len: 32, max_images: 1}",
+                             "model.text.cross_attention_gate_init=0.8"])
+    model = build_model(cfg.model)
+    params = jax.tree.map(np.asarray, jax.device_get(jax.jit(lambda rng: nn.meta.unbox(init_params(model, rng)))(
+        jax.random.PRNGKey(3))))
+    ckpt = str(root / "ckpt")
+    checkpoint.save_params(ckpt, params, Config(model=cfg.model, data=cfg.data))
+    return cfg, model, params, tokenizer, ckpt

@@ -126,3 +126,17 @@ def test_unknown_path_scheme_is_one_line_naming_the_key(argv, needle, capsys, mo
     monkeypatch.chdir(REPO)
     err = _fails(capsys, argv, needle, "cannot read or write")
     assert not os.path.exists(os.path.join(REPO, needle.split("'")[1].split(":")[0] + ":"))  # never a local folder
+
+
+def test_no_tpu_start_up_warnings_without_a_tpu():
+    """libtpu is installed (for `plan`); on a machine without a TPU, commands start JAX without its warnings."""
+    from jax._src import hardware_utils
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu():
+        pytest.skip("this machine has an accelerator")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # `info` computes abstractly; the devices are then asked for as any other command would.
+    code = "import sys, jax; from vlm_jax import cli; rc = cli.main(sys.argv[1:]); print(jax.devices()); sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code, "info", "--config", "configs/models/tiny_mllama.yaml"],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0 and "total" in proc.stdout and "CpuDevice" in proc.stdout, proc.stderr
+    assert proc.stderr == ""

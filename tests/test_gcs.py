@@ -143,8 +143,10 @@ def test_train_kill_resume_export_import_on_gcs(gcs, tmp_path):
     assert any("/tensorboard/events.out.tfevents" in "/" + n for n in gcs.names("run/tensorboard/"))
 
     gcs.run("-m", "vlm_jax.cli", "export", "--checkpoint", f"{workdir}/checkpoints", "--to", "hf",
-            "--out", f"gs://{BUCKET}/hf")
-    assert {"hf/config.json", "hf/generation_config.json", "hf/model.safetensors"} <= set(gcs.names("hf/"))
+            "--out", f"gs://{BUCKET}/hf", "--max-shard-size", "100KB")  # streamed into several shards
+    names = set(gcs.names("hf/"))
+    assert {"hf/config.json", "hf/generation_config.json", "hf/model.safetensors.index.json"} <= names
+    assert sum(n.endswith(".safetensors") for n in names) > 1
     assert not any(n.endswith(".tmp") for n in gcs.names(""))
     out = gcs.run("-m", "vlm_jax.cli", "export", "--checkpoint", f"{workdir}/checkpoints", "--out",
                   f"gs://{BUCKET}/hf", check=False)

@@ -2,21 +2,16 @@
 exported model for real prompts, batching does not change answers, and the `generate` / `eval` commands."""
 import json
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from train_helpers import TINY
 from vlm_jax.cli import main as cli_main
-from vlm_jax.config import Config, load_config
 from vlm_jax.convert import to_hf
-from vlm_jax.data import EmbeddedSource, task_texts, train_sentencepiece
+from vlm_jax.data import EmbeddedSource
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.hf_reference import hf_generate, load_hf_mllama
 from vlm_jax.infer.vqa import exact_match, majority_baseline, normalize_answer
-from vlm_jax.families import build_model, init_params
-from vlm_jax.train import checkpoint
 
 TASKS = ("digits_qa", "shapes_color", "chart_count")
 
@@ -27,24 +22,6 @@ def test_vqa_normalisation():
     assert normalize_answer("3.5") == "3.5" and normalize_answer("dont") == "don't"
     assert exact_match("Seven", "7") and exact_match("an apple", "apple") and not exact_match("7", "1")
     assert majority_baseline(["1", "one", "2", "3"]) == 0.5 and majority_baseline([]) == 0.0
-
-
-@pytest.fixture(scope="module")
-def trained_like(tmp_path_factory):
-    """A tiny Mllama (random, gates open so the image matters) with a tokenizer trained on the embedded tasks,
-    saved as a checkpoint with that tokenizer in its config."""
-    root = tmp_path_factory.mktemp("infer")
-    tokenizer_path = str(root / "tokenizer.model")
-    tokenizer = train_sentencepiece(task_texts(), vocab_size=128, path=tokenizer_path)
-    cfg = load_config(TINY, [f"model.image_token_index={tokenizer.image_id}", f"data.tokenizer={tokenizer_path}",
-                             "data.shapes={batch_size: 4, seq_len: 32, max_images: 1}",
-                             "model.text.cross_attention_gate_init=0.8"])
-    model = build_model(cfg.model)
-    params = jax.tree.map(np.asarray, jax.device_get(__import__("flax").linen.meta.unbox(
-        init_params(model, jax.random.PRNGKey(3)))))
-    ckpt = str(root / "ckpt")
-    checkpoint.save_params(ckpt, params, Config(model=cfg.model, data=cfg.data))
-    return cfg, model, params, tokenizer, ckpt
 
 
 def _records(n_per_task=5):
@@ -75,11 +52,19 @@ def test_generate_and_eval_commands(trained_like, tmp_path, capsys):
     Image.fromarray(EmbeddedSource("digits_qa", "test")[0]["images"][0]).save(image)
     rc = cli_main(["generate", "--checkpoint", ckpt, "--image", str(image), "--prompt", "What digit is this?",
                    "--max-new-tokens", "4"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(out) == 1
-    rc = cli_main(["generate", "--checkpoint", ckpt, "--image", str(image), "--prompt", "What digit is this?",
-                   "--prompt", "What color is the shape?", "--temperature", "0.7", "--top-p", "0.9"])
-    assert rc == 0 and len(capsys.readouterr().out.strip().splitlines()) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(out) == 1 and out[0].split("\t")[:2] == [str(image), "What digit is this?"]
+    # One line per prompt in the same form, whatever the count: image, prompt, answer (tab, newline escaped).
+    other = tmp_path / "shape.png"
+    Image.fromarray(EmbeddedSource("shapes_color", "test")[0]["images"][0]).save(other)
+    prompts = ["What digit is this?", "What color\tis the shape?"]
+    rc = cli_main(["generate", "--checkpoint", ckpt, "--image", str(image), "--image", str(other),
+                   "--prompt", prompts[0], "--prompt", prompts[1], "--temperature", "0.7", "--top-p", "0.9",
+                   "--json", str(tmp_path / "answers.json")])
+    lines = capsys.readouterr().out.splitlines()
+    rows = json.loads((tmp_path / "answers.json").read_text())
+    assert rc == 0 and [(r["image"], r["prompt"]) for r in rows] == [(str(image), prompts[0]), (str(other), prompts[1])]
+    assert lines == ["\t".join(v.replace("\t", "\\t").replace("\n", "\\n") for v in r.values()) for r in rows]
 
     config = tmp_path / "eval.yaml"
     config.write_text("data:\n  eval_sources: [{kind: embedded, name: digits_qa, split: test},"

@@ -14,8 +14,9 @@ LAYERS = [
     ("models", "sharding", "topology", "distributed"),
     ("data",),
     ("families",),
+    ("convert",),  # below train: `train.init_from` converts a Hugging Face directory on the fly
     ("objectives", "train"),
-    ("infer", "plan", "convert", "curate"),
+    ("infer", "plan", "curate"),
     ("cli", "demo"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

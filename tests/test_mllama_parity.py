@@ -88,7 +88,7 @@ def test_kv_cache_decode_matches_full_forward(hf_mllama_dir):
 
 
 def test_intermediate_layer_convention_input_is_previous_output(hf_mllama_dir):
-    """'input' index i (state entering layer i, HF <= 4.54) equals 'output' index i-1 (HF >= 4.56)."""
+    """'input' index i (the state entering layer i: Meta, transformers 4.x) equals 'output' index i-1 (5.x)."""
     from vlm_jax.config import to_dict
     from vlm_jax.convert import config_from_hf
     _, path = hf_mllama_dir

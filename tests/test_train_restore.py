@@ -68,6 +68,17 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_refused(run, tmp_path, cap
     assert "checkpoint step 2 in" in err and "does not fit the config" in err and want in err, err
 
 
+@pytest.mark.parametrize("override,want", [
+    ("model.vision.intermediate_layers_convention=output",
+     "was trained with model.vision.intermediate_layers_convention='input' but the config says 'output'"),
+    ("model.text.rope_theta=20000.0", "was trained with model.text.rope_theta=10000.0 but the config says 20000.0"),
+], ids=["vision_layer_convention", "rope_theta"])
+def test_a_checkpoint_of_another_model_with_equal_shapes_is_refused(run, tmp_path, capsys, override, want):
+    """Same shapes, different function: resuming would silently train another model than the one saved."""
+    err = _refused(_copy(run, tmp_path), capsys, override)
+    assert "checkpoint step 2 in" in err and want in err, err
+
+
 def test_a_damaged_newest_step_falls_back_to_the_previous_one(run, tmp_path):
     workdir = _copy(run, tmp_path)
     _damage(workdir, 2)

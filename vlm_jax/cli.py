@@ -2,15 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+
+# Environment failures on a user's path: one line naming the path, not a traceback (any other OSError is a bug).
+_ENVIRONMENT_ERRORS = {
+    errno.EACCES: "permission denied; fix its permissions or choose another path",
+    errno.EPERM: "operation not permitted; fix its permissions or choose another path",
+    errno.EROFS: "read-only file system; choose another path",
+    errno.ENOSPC: "no space left on the device; free space or choose another path",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another path",
+    errno.EISDIR: "is a directory; give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EEXIST: "already exists; choose another path",
+}
+
 
 def _model_config(args):
     from vlm_jax.config import load_config
     if args.hf:
         from vlm_jax.convert import config_from_hf
         return config_from_hf(args.hf)
-    return load_config(args.config, args.overrides).model
+    return load_config(args.config, args.overrides, require=("model",)).model
 
 
 def cmd_info(args):
@@ -23,61 +37,93 @@ def cmd_info(args):
 
 def _empty_out(out: str):
     """--out as a path that holds nothing yet (nothing is ever overwritten)."""
-    from vlm_jax.paths import is_nonempty, user_path
+    from vlm_jax.paths import check_writable, is_nonempty, user_path
     path = user_path(out, "--out")
     if is_nonempty(path):
         raise_user(f"{out}: output directory is not empty; choose a new --out (nothing is overwritten)")
+    check_writable(path, "--out", folder=True)
+    return path
+
+
+def _json_out(value: str):
+    """--json as a writable file path, checked before any work; None when not asked for."""
+    from vlm_jax.paths import check_writable, user_path
+    if not value:
+        return None
+    path = user_path(value, "--json")
+    check_writable(path, "--json")
     return path
 
 
 def cmd_import(args):
-    from vlm_jax.config import Config
-    from vlm_jax.convert import from_hf, read_hf_config
+    from vlm_jax.config import Config, apply_overrides
+    from vlm_jax.convert import from_hf, import_notes, read_hf_config
     from vlm_jax.convert.processor import keep_processor_files
     from vlm_jax.train import checkpoint
     out = _empty_out(args.out)
-    overrides = dict(o.split("=", 1) for o in args.set) if args.set else {}
-    model, params = from_hf(args.hf, **_typed(overrides))
+    model, params = from_hf(args.hf, **apply_overrides({}, args.set or []))
     checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
     kept = keep_processor_files(args.hf, out)  # export copies them back
+    for note in import_notes(model.config):
+        print(f"note: {note}")
     print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
+def _size(text: str, flag: str) -> int:
+    """Bytes from '5GB', '512MiB' or a plain count (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, as
+    in transformers' max_shard_size)."""
+    import re
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B)?", text.strip(), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise_user(f"{flag} {text}: expected a positive size such as 5GB, 512MiB or 1000000 (bytes)")
+    power = "KMGT".index(match[2].upper()) + 1 if match[2] else 0
+    return int(float(match[1]) * (1024 if match[3] else 1000) ** power)
+
+
 def cmd_export(args):
-    from vlm_jax.convert import to_hf
+    from vlm_jax.convert import export_config, to_hf
     from vlm_jax.convert.processor import copy_processor_files, export_repo, has_processor, kept_processor_dir
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
     from vlm_jax.infer.answer import tokenizer_path
-    from vlm_jax.paths import user_path, write_atomic
+    from vlm_jax.paths import emptied_on_error, user_path, write_atomic
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
+    max_shard_bytes = _size(args.max_shard_size, "--max-shard-size")
     out = _empty_out(args.out)
     config, hf_config, step = checkpoint.read_meta(args.checkpoint)
+    convention = args.vision_layer_convention or None
+    export_config(config.model, convention)  # its mistakes before the slow restore
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
-    params = checkpoint.restore_params(args.checkpoint)
-    if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
-        copy_processor_files(kept, out)
-        tokenizer_file = kept
-    elif tokenizer_file and has_processor(config.model):
-        changes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
-                              args.dtype, hf_config)
-        for change in changes:
-            print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
-                  "tokenizer's ids)")
-        original = user_path(tokenizer_file, "tokenizer")
-        if original.is_file() and original.suffix == ".model":  # the sentencepiece original
-            write_atomic(out / "tokenizer.model", original.read_bytes())
-    else:
-        why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)" if not tokenizer_file
-               else f"model.family '{config.model.family}' has no Hugging Face processor description")
-        print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the config's "
-              "token ids", file=sys.stderr)
-        tokenizer_file = None
-        to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config)
+    # Parameters are read one at a time as they are written; a failed export takes its partial files away.
+    with emptied_on_error(out), checkpoint.lazy_params(args.checkpoint) as params:
+        if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
+            notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                          max_shard_bytes=max_shard_bytes, vision_layer_convention=convention)
+            copy_processor_files(kept, out)
+            tokenizer_file = kept
+        elif tokenizer_file and has_processor(config.model):
+            changes, notes = export_repo(config.model, config.data, params, out, load_tokenizer(tokenizer_file),
+                                         args.dtype, hf_config, convention, max_shard_bytes)
+            for change in changes:
+                print(f"note: {change} (the checkpoint's config disagrees with its tokenizer; the export has the "
+                      "tokenizer's ids)")
+            original = user_path(tokenizer_file, "tokenizer")
+            if original.is_file() and original.suffix == ".model":  # the sentencepiece original
+                write_atomic(out / "tokenizer.model", original.read_bytes())
+        else:
+            why = (f"no tokenizer found (looked at {', '.join(looked_at)}; pass --tokenizer PATH)"
+                   if not tokenizer_file
+                   else f"model.family '{config.model.family}' has no Hugging Face processor description")
+            print(f"WARNING: {why}: exporting weights, config.json and generation_config.json only, with the "
+                  "config's token ids", file=sys.stderr)
+            tokenizer_file = None
+            notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
+                          max_shard_bytes=max_shard_bytes, vision_layer_convention=convention)
+    for note in notes:
+        print(f"note: {note}")
     print(f"exported step {step} of {args.checkpoint} -> {out}"
           + (f" (with the processor from {tokenizer_file})" if tokenizer_file else ""))
 
@@ -86,8 +132,8 @@ def cmd_train(args):
     from vlm_jax import distributed
     from vlm_jax.config import load_config
     from vlm_jax.paths import user_path
-    from vlm_jax.train.loop import train
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, require=("model",))
+    from vlm_jax.train.loop import train  # slow to import: after the config is known to be good
     distributed.initialize(cfg.distributed)  # before any device is touched; a no-op for one process
     print(distributed.check_processes(cfg.distributed))
     result = train(cfg)
@@ -101,59 +147,91 @@ def cmd_eval(args):
     from vlm_jax.config import load_config
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.evaluate import evaluate_sources, results_table
-    from vlm_jax.paths import user_path, write_atomic
+    from vlm_jax.paths import write_atomic
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.eval_sources:
         raise_user(f"{args.config}: data.eval_sources is empty; list the held-out sources to evaluate "
                    "(e.g. data.eval_sources='[{kind: embedded, name: digits_qa, split: test}]')")
+    out = _json_out(args.json)
     answerer = load_answerer(args.checkpoint, args.tokenizer or cfg.data.tokenizer, cfg.data,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     results = evaluate_sources(answerer, cfg.data.eval_sources, args.limit)
     print(results_table(results))
-    if args.json:
-        write_atomic(user_path(args.json, "--json"), json.dumps([r.row() for r in results], indent=2))
+    if out:
+        write_atomic(out, json.dumps([r.row() for r in results], indent=2))
+
+
+def _check_image(path: str):
+    """One line naming `path` unless it decodes as an image (with the data pipeline's own decoder)."""
+    from vlm_jax.data.bad_records import BadRecord
+    from vlm_jax.data.image_ops import decode_image
+    from vlm_jax.paths import user_path
+    if user_path(path, "--image").is_dir():
+        raise_user(f"--image {path}: is a directory; give an image file")
+    try:
+        decode_image(path)
+    except BadRecord as e:
+        why = {"missing_image": "file not found", "empty_image": f"empty image ({e.detail})"}.get(
+            e.reason, f"not an image PIL can decode ({e.detail})")
+        raise_user(f"--image {path}: {why}; give a PNG, JPEG or other image file")
+
+
+def _field(text: str) -> str:
+    """One tab-separated output field: backslash, tab and newline escaped so a record stays one line."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def cmd_generate(args):
+    import json
+
     import jax
 
+    from vlm_jax.data.bad_records import BadRecord
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.generate import Sampling
-    from vlm_jax.paths import user_path
+    from vlm_jax.paths import write_atomic
     images = args.image * len(args.prompt) if len(args.image) == 1 else args.image
     if len(images) != len(args.prompt):
         raise_user(f"{len(args.image)} --image for {len(args.prompt)} --prompt; give one image per prompt, "
                    "or one image for all")
-    for path in images:
-        if not user_path(path, "--image").is_file():
-            raise_user(f"--image {path}: file not found")
+    for path in dict.fromkeys(images):
+        _check_image(path)
+    out = _json_out(args.json)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     answerer = load_answerer(args.checkpoint, args.tokenizer, batch_size=len(args.prompt),
                              max_new_tokens=args.max_new_tokens, sampling=sampling)
     records = [{"images": [path], "turns": [("user", prompt)]} for path, prompt in zip(images, args.prompt)]
-    for prompt, answer in zip(args.prompt, answerer.answer(records, jax.random.PRNGKey(args.seed))):
-        print(answer if len(records) == 1 else f"{prompt}\t{answer}")
+    for i, record in enumerate(records):
+        try:
+            answerer.preparer.prompt(record)
+        except BadRecord as e:
+            fix = ("shorten the prompt (the checkpoint's data.shapes.seq_len bounds prompt and image tokens)"
+                   if e.reason == "too_long" else "fix the prompt")
+            raise_user(f"--prompt #{i + 1} with --image {images[i]}: {e.detail or e.reason}; {fix}")
+    rows = [{"image": path, "prompt": prompt, "answer": answer} for path, prompt, answer
+            in zip(images, args.prompt, answerer.answer(records, jax.random.PRNGKey(args.seed)))]
+    for row in rows:
+        print("\t".join(_field(row[k]) for k in ("image", "prompt", "answer")))
+    if out:
+        write_atomic(out, json.dumps(rows, indent=2, ensure_ascii=False))
 
 
 def cmd_plan(args):
     # Compile targets come from libtpu's topology description; the host backend stays the CPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from vlm_jax.config import load_config
+    from vlm_jax.paths import write_atomic
     from vlm_jax.plan import advice, plan
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, require=("model",))
+    out = _json_out(args.json)
     reports = plan(cfg, args.topology, args.mfu, tuple(args.stage or ()))
-    if args.json:
+    if out:
         import json
-        with open(args.json, "w") as f:
-            json.dump({"topology": args.topology, "stages": [r.as_dict() for r in reports]}, f, indent=2)
+        write_atomic(out, json.dumps({"topology": args.topology, "stages": [r.as_dict() for r in reports]},
+                                     indent=2))
     misfits = [r.stage for r in reports if not r.fits]
     if misfits:
         raise_user(f"stage(s) {', '.join(misfits)} do not fit on {args.topology}; try {advice(cfg)}")
-
-
-def _typed(overrides: dict[str, str]) -> dict:
-    import yaml
-    return {k: yaml.safe_load(v) for k, v in overrides.items()}
 
 
 def raise_user(message: str):
@@ -161,8 +239,33 @@ def raise_user(message: str):
     raise UserError(message)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes in the CLI's form: one line on stderr (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, ok, wanted: str):
+    """An argparse type: `kind(text)` that satisfies `ok`, else a one-line message saying what is `wanted`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got '{text}'")
+        return value
+    return parse
+
+
+_POSITIVE = _number(int, lambda v: v > 0, "a positive integer")
+_COUNT = _number(int, lambda v: v >= 0, "an integer >= 0")
+_FRACTION = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlm-jax", description=__doc__)
+    p = _Parser(prog="vlm-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts per component, computed without allocating")
@@ -176,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True)
     imp.add_argument("--out", required=True)
     imp.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
-                     help="model config fields to set, e.g. dtype=float32 scan_layers=false")
+                     help="model config fields to set, e.g. dtype=float32 scan_layers=false "
+                          "vision.intermediate_layers_convention=output")
     imp.set_defaults(func=cmd_import)
 
     exp = sub.add_parser("export", help="vlm_jax checkpoint -> Hugging Face directory")
@@ -184,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", default="hf")
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    exp.add_argument("--vision-layer-convention", default="",
+                     help="Mllama: whose reading of vision_config.intermediate_layers_indices config.json is written "
+                          "for: 'output' (transformers 5.x; the default) or 'input' (Meta's reference, transformers "
+                          "4.x); the indices are translated so that reader computes the trained model")
+    exp.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file, e.g. 5GB or 512MiB; "
+                                                              "bigger models are split into files + an index")
     exp.add_argument("--tokenizer", default="", help="default: the files `import` kept with the checkpoint, else "
                                                     "the config's data.tokenizer, else the run's workdir's")
     exp.set_defaults(func=cmd_export)
@@ -196,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     evl = sub.add_parser("eval", help="held-out VQA exact-match accuracy and answer perplexity per source")
     evl.add_argument("--config", required=True, help="a YAML config whose data.eval_sources are evaluated")
     evl.add_argument("--checkpoint", required=True, help="a checkpoint directory (or one step inside it)")
-    evl.add_argument("--limit", type=int, default=0, help="records per source (0 = all)")
-    evl.add_argument("--batch-size", type=int, default=32)
-    evl.add_argument("--max-new-tokens", type=int, default=8)
+    evl.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
+    evl.add_argument("--batch-size", type=_POSITIVE, default=32)
+    evl.add_argument("--max-new-tokens", type=_POSITIVE, default=8)
     evl.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
                                                      "training kept in the run's workdir")
     evl.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -209,19 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", required=True)
     gen.add_argument("--image", required=True, action="append", help="an image file; repeat for several")
     gen.add_argument("--prompt", required=True, action="append", help="a question; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    gen.add_argument("--temperature", type=_number(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                     default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=_COUNT, default=0, help="0 = no top-k cut")
+    gen.add_argument("--top-p", type=_FRACTION, default=1.0, help="1 = no nucleus cut")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default="")
+    gen.add_argument("--json", default="", help="also write [{image, prompt, answer}, ...] to this JSON file")
     gen.set_defaults(func=cmd_generate)
 
     pln = sub.add_parser("plan", help="compile the train step for a Cloud TPU slice on this machine; memory, "
                                       "FLOPs, step time (needs pip install -e '.[tpu]')")
     pln.add_argument("--config", required=True)
     pln.add_argument("--topology", required=True, help="a slice name: v5p-64, v5e-256, v6e-64, v4-128, ...")
-    pln.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for step time")
+    pln.add_argument("--mfu", type=_FRACTION, default=0.4, help="assumed model FLOPs utilisation for step time")
     pln.add_argument("--stage", action="append", help="plan only this recipe stage; repeat for several "
                                                       "(default: every stage)")
     pln.add_argument("--json", default="", help="also write every stage's figures to this JSON file")
@@ -230,15 +342,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _environment_error(e: OSError) -> str | None:
+    """One line for a failure of the machine or a user's path (permissions, full disk, a file where a folder
+    belongs, ...), or None for any other OSError, which is a bug and keeps its traceback."""
+    why = _ENVIRONMENT_ERRORS.get(e.errno)
+    if why is None:
+        return None
+    where = e.filename if e.filename is not None else e.strerror or e
+    return f"{where}: {why}"
+
+
+def _skip_absent_tpu():
+    """libtpu (installed for `plan`) prints start-up warnings on a machine without a TPU as soon as JAX looks for
+    one. Without a TPU chip on the PCI bus (JAX's own test, as in jax._src.cloud_tpu_init), GPU or
+    JAX_FORCE_TPU_INIT, JAX_PLATFORMS=cpu says what JAX would pick anyway; a user's JAX_PLATFORMS is never
+    changed."""
+    if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    import jax
+    from jax._src import hardware_utils
+    if (hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu()
+            or hardware_utils.num_available_amd_gpus(stop_at=1)):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for worker processes
+    jax.config.update("jax_platforms", "cpu")  # jax read the environment when it was imported
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_plan:  # plan sets its own host platform before jax is imported
+        _skip_absent_tpu()
     from vlm_jax.errors import UserError
     try:
         args.func(args)
+        return 0
     except UserError as e:
-        print(f"vlm-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        message = str(e)
+    except OSError as e:
+        message = _environment_error(e)
+        if message is None:
+            raise
+    print(f"vlm-jax {args.command}: error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

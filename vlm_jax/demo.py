@@ -109,8 +109,11 @@ def main(argv: list[str]) -> int:
     hf_dir = workdir / "hf"
     if is_nonempty(hf_dir):  # the previous run's export
         hf_dir.rmtree()
-    for change in export_repo(cfg.model, cfg.data, params, hf_dir, trainer.data.tokenizer):
+    changes, notes = export_repo(cfg.model, cfg.data, params, hf_dir, trainer.data.tokenizer)
+    for change in changes:
         print(f"note: {change} (the config disagrees with the tokenizer; the export has the tokenizer's ids)")
+    for note in notes:
+        print(f"note: {note}")
     write_atomic(hf_dir / "tokenizer.model", (workdir / "tokenizer.model").read_bytes())
     print(f"exported to Hugging Face format: {hf_dir}")
 

@@ -52,6 +52,22 @@ def resolve_from(folder: epath.Path, ref: str, key: str) -> epath.Path:
     return folder / ref if is_remote(folder) else user_path(str(folder / ref), key)  # local: '..' normalised
 
 
+def check_writable(path: epath.Path, key: str, folder: bool = False):
+    """Stops with one line naming `key` when the local `path` (a file, or a `folder`) cannot be created or written:
+    it sits under a file, is the wrong kind, or its nearest existing folder is not writable. Object stores are
+    judged by the write itself."""
+    if is_remote(path):
+        return
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{key}: {path} is a {'file' if folder else 'directory'}; give a "
+                          f"{'directory' if folder else 'file'} path")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {path} cannot be created because {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {existing} is not writable; choose another path or fix its permissions")
+
+
 def is_nonempty(path: epath.Path) -> bool:
     """True when `path` is a file, or a folder holding anything (an object-store prefix with objects under it)."""
     return path.exists() and (not path.is_dir() or any(True for _ in path.iterdir()))
@@ -70,8 +86,10 @@ def atomic_open(path: epath.Path, mode: str = "w"):
     try:
         with tmp.open(mode) as f:
             yield f
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (e.g. a full disk) names no file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
     tmp.replace(path)
 
@@ -79,3 +97,18 @@ def atomic_open(path: epath.Path, mode: str = "w"):
 def write_atomic(path: epath.Path, data: str | bytes):
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def emptied_on_error(folder: epath.Path):
+    """For writing into `folder` while it holds nothing else: on an error or an interrupt, what was written there
+    is removed, so nothing partial blocks writing there again (a killed process still leaves its files)."""
+    try:
+        yield folder
+    except BaseException:
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.is_dir():
+                path.rmtree()
+            else:
+                path.unlink()
+        raise

@@ -109,12 +109,21 @@ def mesh_spec(logical: PartitionSpec, rules: Rules) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(logical), rules)
 
 
-def param_shardings(abstract_boxed, mesh: Mesh, rules: Rules):
-    """NamedShardings for a boxed (LogicallyPartitioned) abstract tree; checks divisibility first."""
-    check_divisible(abstract_boxed, mesh, rules)
-    specs = logical_specs(abstract_boxed)
-    return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(s, rules)), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+def param_shardings(abstract_boxed, mesh: Mesh, rules: Rules, replicate_indivisible: bool = False):
+    """NamedShardings for a boxed (LogicallyPartitioned) abstract tree; checks divisibility first, or with
+    `replicate_indivisible` (inference on whatever devices there are) leaves a dimension its mesh axes do not
+    divide unsharded."""
+    if not replicate_indivisible:
+        check_divisible(abstract_boxed, mesh, rules)
+        specs = logical_specs(abstract_boxed)
+        return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(s, rules)), specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def divisible(leaf, logical):
+        spec = mesh_spec(logical, rules)
+        return NamedSharding(mesh, PartitionSpec(*(e if size % _axis_size(mesh, e) == 0 else None
+                                                   for size, e in zip(leaf.shape, spec))))
+    return jax.tree.map(divisible, nn.meta.unbox(abstract_boxed), logical_specs(abstract_boxed))
 
 
 def _axis_size(mesh: Mesh, entry) -> int:

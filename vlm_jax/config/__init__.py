@@ -63,9 +63,13 @@ def stage_data_config(data: DataConfig, overrides: dict | None, where: str = "st
     return merged
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), cls=Config):
+def load_config(path: str | None = None, overrides: list[str] = (), cls=Config, require: tuple[str, ...] = ()):
+    """`require` names sections that must be written out (a default model is a guess, e.g. for `train`)."""
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
+    for section in require:
+        check(section in data, f"{path or 'the overrides'}: no `{section}:` section; add one, or a `base:` that "
+              f"has it (e.g. a preset of configs/models/); no default {section} is assumed")
     if cls is Config and isinstance(data.get("data"), dict) and "sources" not in data["data"]:
         data["data"] = {**data["data"], "sources": []}  # the root default: no sources
     cfg = from_dict(cls, data)

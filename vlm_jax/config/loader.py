@@ -115,6 +115,20 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (safe_load keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path, seen: tuple[str, ...] = ()) -> dict:
     """A YAML config file (local or gs://) with its `base:` files merged under it (relative to the file)."""
     path = user_path(path, "--config")
@@ -123,12 +137,15 @@ def read_yaml(path, seen: tuple[str, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: malformed YAML ({getattr(e, 'problem', e)})") from None
-    data = data or {}
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the config file is empty; write its sections (or a `base:` to inherit)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     bases = data.pop("base", [])

@@ -38,9 +38,10 @@ class MllamaVisionConfig:
     max_num_tiles: int = 4
     norm_eps: float = 1e-5
     intermediate_layers_indices: tuple[int, ...] = (3, 7, 15, 23, 30)
-    # "output": index i is the output of local layer i (transformers >= 4.56).
-    # "input": index i is the state entering local layer i (transformers <= 4.54, Meta's reference).
-    intermediate_layers_convention: str = "output"
+    # "input": index i is the state entering local layer i: Meta's reference encoder and transformers 4.x (4.46.3
+    # checked), so what every Llama 3.2 Vision checkpoint was trained with. "output": index i is local layer i's
+    # output, how transformers 5.x reads the same config.json field (`vlm-jax export` translates: convert/mllama.py).
+    intermediate_layers_convention: str = "input"
     supported_aspect_ratios: tuple[tuple[int, int], ...] = (
         (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)

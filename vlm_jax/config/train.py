@@ -7,6 +7,7 @@ from typing import Any
 
 from vlm_jax.config.loader import check
 from vlm_jax.errors import ConfigError
+from vlm_jax.paths import user_path
 from vlm_jax.registry import OBJECTIVES
 
 NO_DECAY_DEFAULT = (r".*/bias", r".*norm[^/]*/scale", r"(.*/)?[a-z_]*gate(_attn|_ffn)?", r"(.*/)?[a-z_]*embedding")
@@ -114,6 +115,11 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     stages: tuple[StageConfig, ...] = ()
+    # Fine-tuning: the first step's parameters come from here instead of a random init: a checkpoint written by
+    # `vlm-jax import` or a run (its directory, or one step inside it), or a Hugging Face model directory
+    # (config.json + *.safetensors, converted on the fly). Optimizer state, step, rng and data start fresh.
+    # Only a new run reads it: a workdir with a committed checkpoint resumes its own state instead.
+    init_from: str = ""
 
 
 _SCHEDULES = ("cosine", "linear", "constant")
@@ -156,6 +162,8 @@ def validate_train(t: TrainConfig):
     check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
     _validate_schedule(t.schedule, "train.schedule")
     _validate_objective(t.objective, t.dpo, "train")
+    if t.init_from:
+        user_path(t.init_from, "train.init_from")  # an unknown scheme stops here, named
     _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
     _check_regexes([g.pattern for g in t.optimizer.lr_groups], "train.optimizer.lr_groups")
     for i, st in enumerate(t.stages):

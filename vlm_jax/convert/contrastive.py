@@ -68,8 +68,7 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
         },
         "logit_scale_init": hf.get("logit_scale_init_value", 2.6592),
     }
-    data.update(overrides)
-    return load_model_config(data)
+    return load_model_config(deep_merge(data, overrides))
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:

@@ -2,7 +2,7 @@
 connector (hf_layouts.md C). On disk and in memory the keys are the same (`model.*`, `lm_head.weight`)."""
 from __future__ import annotations
 
-from vlm_jax.config import ModelConfig, load_model_config
+from vlm_jax.config import ModelConfig, deep_merge, load_model_config
 from vlm_jax.convert import llama
 from vlm_jax.convert.keymap import LINEAR, Rule, Stack
 from vlm_jax.convert.vit import encoder_stack, vit_from_hf, vit_rules, vit_to_hf
@@ -37,8 +37,7 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
         "connector": {"kind": "pixel_shuffle", "feature_layers": [], "scale_factor": hf.get("scale_factor", 2)},
         "text": llama.text_from_hf(hf.get("text_config") or {}, f"{where} text_config"),
     }
-    data.update(overrides)
-    return load_model_config(data)
+    return load_model_config(deep_merge(data, overrides))
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -86,27 +86,14 @@ def unflatten(flat: dict[str, object]):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _stack_of(path: str, stacks: list[Stack]) -> Stack | None:
+def stack_of(path: str, stacks: list[Stack]) -> Stack | None:
     return next((s for s in stacks if path.startswith(s.prefix)), None)
-
-
-def to_per_layer(flat: dict[str, np.ndarray], stacks: list[Stack]) -> dict[str, np.ndarray]:
-    out = {}
-    for path, arr in flat.items():
-        stack = _stack_of(path, stacks)
-        if stack is None:
-            out[path] = arr
-            continue
-        rest = path[len(stack.prefix):]
-        for b in range(stack.count):
-            out[stack.layer_path(b) + rest] = arr[b]
-    return out
 
 
 def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str, tuple]:
     out = {}
     for path, shape in shapes.items():
-        stack = _stack_of(path, stacks)
+        stack = stack_of(path, stacks)
         if stack is None:
             out[path] = tuple(shape)
         else:
@@ -114,23 +101,9 @@ def per_layer_shapes(shapes: dict[str, tuple], stacks: list[Stack]) -> dict[str,
     return out
 
 
-def from_per_layer(per_layer: dict[str, np.ndarray], shapes: dict[str, tuple], stacks: list[Stack]):
-    """Inverse of `to_per_layer`, driven by the target tree's (stacked) shapes."""
-    out = {}
-    for path in shapes:
-        stack = _stack_of(path, stacks)
-        if stack is None:
-            out[path] = per_layer[path]
-        else:
-            rest = path[len(stack.prefix):]
-            out[path] = np.stack([per_layer[stack.layer_path(b) + rest] for b in range(stack.count)])
-    return out
-
-
-def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tuple], dtype,
-               source: str) -> dict[str, np.ndarray]:
-    """Applies `rules` to HF tensors; every rule must find its key with the expected shape, and every HF
-    tensor must be used. `shapes` is our per-layer view's shapes."""
+def check_hf(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, tuple], source: str):
+    """Every rule finds its key with the expected shape, and every HF tensor is used. `shapes` is our per-layer
+    view's shapes. Reads shapes only, no tensor data."""
     missing = [r.hf for r in rules if r.hf not in hf]
     if missing:
         raise ConversionError(f"{source}: {len(missing)} weights the config needs are missing, e.g. "
@@ -139,17 +112,51 @@ def hf_to_ours(hf: dict[str, np.ndarray], rules: list[Rule], shapes: dict[str, t
     if unused:
         raise ConversionError(f"{source}: {len(unused)} weights are not part of this architecture, e.g. "
                               f"'{unused[0]}'; check config.json's layer counts and model_type")
-    out = {}
     for r in rules:
-        arr, shape = hf[r.hf], shapes[r.ours]
-        expected = tuple(r.transform.hf_shape(shape))
-        if tuple(arr.shape) != expected:
-            raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(arr.shape)} but config.json "
+        expected = tuple(r.transform.hf_shape(shapes[r.ours]))
+        if tuple(hf[r.hf].shape) != expected:
+            raise ConversionError(f"{source}: weight '{r.hf}' has shape {tuple(hf[r.hf].shape)} but config.json "
                                   f"implies {expected}")
-        out[r.ours] = np.asarray(r.transform.to_ours(np.asarray(arr), shape), dtype=dtype)
+        if hf[r.hf].dtype.kind in "biu":
+            raise ConversionError(f"{source}: weight '{r.hf}' has the integer dtype {hf[r.hf].dtype} (quantized or "
+                                  "corrupt?); convert from a floating-point checkpoint")
+
+
+def rule_to_ours(rule: Rule, hf_array, shape: tuple, dtype, source: str) -> np.ndarray:
+    out = np.asarray(rule.transform.to_ours(np.asarray(hf_array), shape), dtype=dtype)
+    if bad := int(out.size - np.count_nonzero(np.isfinite(out))):
+        raise ConversionError(f"{source}: weight '{rule.hf}' holds {bad} NaN/Inf values of {out.size}; the "
+                              "checkpoint is corrupt, re-download or re-save it")
     return out
 
 
-def ours_to_hf(ours: dict[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, np.ndarray]:
-    # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
-    return {r.hf: np.asarray(r.transform.to_hf(np.asarray(ours[r.ours])).astype(dtype), order="C") for r in rules}
+def ours_to_hf(flat: Mapping[str, object], shapes: dict[str, tuple], stacks: list[Stack], rules: list[Rule],
+               dtype) -> tuple[list[tuple[str, tuple, np.dtype]], Iterator[tuple[str, np.ndarray]]]:
+    """HF tensors in the order of our parameters `shapes` (stacked): (every tensor's name, shape and dtype, known
+    before anything is read; an iterator of (name, array) that reads each of our parameters `flat[path]` once,
+    with np.asarray, when its first tensor is due). A reader that loads on access thus holds one parameter (a
+    scanned stack whole) at a time."""
+    by_ours: dict[str, list[Rule]] = {}
+    for r in rules:
+        by_ours.setdefault(r.ours, []).append(r)
+    order = []  # (our path, [(layer or None, rule, per-layer shape)])
+    for path, shape in shapes.items():
+        stack = stack_of(path, stacks)
+        layers = [(None, path, shape)] if stack is None else \
+            [(b, stack.layer_path(b) + path[len(stack.prefix):], shape[1:]) for b in range(stack.count)]
+        order.append((path, [(b, r, s) for b, per_layer, s in layers for r in by_ours.pop(per_layer, ())]))
+    if by_ours:
+        raise ConversionError(f"key map rule for '{next(iter(by_ours))}' names no parameter of the model")
+    dtype = np.dtype(dtype)
+    layout = [(r.hf, tuple(r.transform.hf_shape(tuple(s))), dtype) for _, items in order for _, r, s in items]
+
+    def tensors():
+        for path, items in order:
+            if not items:
+                continue
+            arr = np.asarray(flat[path])
+            for b, r, _ in items:
+                # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
+                hf = r.transform.to_hf(arr if b is None else arr[b]).astype(dtype, copy=False)
+                yield r.hf, np.asarray(hf, order="C")
+    return layout, tensors()

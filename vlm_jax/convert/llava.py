@@ -4,7 +4,7 @@ Exports the 4.x on-disk layout (`vision_tower.vision_model.*`, `language_model.m
 5.x one (`vision_tower.*` without `vision_model.`) and the in-memory `model.`-prefixed names."""
 from __future__ import annotations
 
-from vlm_jax.config import ImageConfig, ModelConfig, load_model_config
+from vlm_jax.config import ImageConfig, ModelConfig, deep_merge, load_model_config
 from vlm_jax.convert import llama
 from vlm_jax.convert.keymap import COPY, LINEAR, Rule, Stack
 from vlm_jax.convert.vit import encoder_stack, vit_from_hf, vit_rules, vit_to_hf
@@ -66,8 +66,7 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
         },
         "text": llama.text_from_hf(hf.get("text_config") or {}, f"{where} text_config"),
     }
-    data.update(overrides)
-    return load_model_config(data)
+    return load_model_config(deep_merge(data, overrides))
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:

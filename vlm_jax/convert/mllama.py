@@ -1,7 +1,9 @@
 """MllamaForConditionalGeneration <-> CrossAttentionVLM: config mapping and the key map (hf_layouts.md A)."""
 from __future__ import annotations
 
-from vlm_jax.config import ImageConfig, MllamaVisionConfig, ModelConfig, load_model_config
+from dataclasses import replace
+
+from vlm_jax.config import ImageConfig, MllamaVisionConfig, ModelConfig, deep_merge, load_model_config
 from vlm_jax.convert.keymap import (CONV, COPY, FC_MLP, FLATTEN_TAIL, LINEAR, LINEAR_HEADS_IN, Rule, Stack,
                                     layer_norm)
 from vlm_jax.convert.llama import (TEXT_COMMON, TEXT_SELF, generation_config,  # noqa: F401 (family API)
@@ -11,6 +13,12 @@ from vlm_jax.errors import ConversionError
 from vlm_jax.models.text import layer_layout
 
 MODEL_TYPE = "mllama"
+# The vision_config field naming the convention of intermediate_layers_indices (MllamaVisionConfig): export writes
+# it, import reads it. Without it the indices are Meta's ("input"), as in every official checkpoint's config.json.
+LAYER_CONVENTION_KEY = "vlm_jax_intermediate_layers_convention"
+LAYER_CONVENTION_READERS = {"input": "Meta's reference and transformers 4.x", "output": "transformers 5.x"}
+# Export's default: the transformers this project pins (5.23) then computes the model that was trained.
+EXPORT_LAYER_CONVENTION = "output"
 MLLAMA_TEXT_DEFAULTS = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
                             num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
                             max_position_embeddings=131072, pad_token_id=128004, bos_token_id=128000,
@@ -116,6 +124,9 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
     if vc.get("hidden_act", "gelu") != "gelu":
         raise ConversionError(f"{vw}: hidden_act '{vc['hidden_act']}' is not supported (Mllama uses 'gelu')")
     defaults = MllamaVisionConfig()
+    convention = vc.get(LAYER_CONVENTION_KEY, "input")
+    if convention not in LAYER_CONVENTION_READERS:
+        raise ConversionError(f"{vw}: {LAYER_CONVENTION_KEY} '{convention}' is not 'input' or 'output'")
     data = {
         "family": "mllama",
         "image_token_index": hf.get("image_token_index", 128256),
@@ -131,18 +142,59 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
             "max_num_tiles": vc.get("max_num_tiles", 4),
             "norm_eps": vc.get("norm_eps", 1e-5),
             "intermediate_layers_indices": vc.get("intermediate_layers_indices") or [3, 7, 15, 23, 30],
+            "intermediate_layers_convention": convention,
             "supported_aspect_ratios": vc.get("supported_aspect_ratios") or defaults.supported_aspect_ratios,
         },
         "text": {**text_from_hf(tc, tw, MLLAMA_TEXT_DEFAULTS), "extra_embeddings": 8,
                  "cross_attention_layers": tc.get("cross_attention_layers") or [3, 8, 13, 18, 23, 28, 33, 38]},
     }
     v_out = vc.get("vision_output_dim")
-    data.update(overrides)
-    cfg = load_model_config(data)
+    cfg = load_model_config(deep_merge(data, overrides))
     if v_out is not None and v_out != cfg.vision.output_dim:
         raise ConversionError(f"{vw}: vision_output_dim {v_out} != hidden_size * (1 + "
                               f"len(intermediate_layers_indices)) = {cfg.vision.output_dim}")
     return cfg
+
+
+def layer_indices_in(v: MllamaVisionConfig, convention: str) -> tuple[int, ...]:
+    """`v.intermediate_layers_indices` naming the same encoder states in `convention`: the state entering layer i
+    ("input" i) is layer i - 1's output ("output" i - 1)."""
+    shift = 0 if convention == v.intermediate_layers_convention else (1 if convention == "input" else -1)
+    out = tuple(i + shift for i in v.intermediate_layers_indices)
+    for i, j in zip(v.intermediate_layers_indices, out):
+        if not 0 <= j < v.num_layers:
+            state = "the embeddings entering local layer 0" if j < 0 else "the last local layer's output"
+            raise ConversionError(
+                f"model.vision.intermediate_layers_indices: {i} ({state}) has no index in the '{convention}' "
+                f"convention ({LAYER_CONVENTION_READERS[convention]}); export with --vision-layer-convention "
+                f"{v.intermediate_layers_convention}")
+    return out
+
+
+def export_config(cfg: ModelConfig, vision_layer_convention: str | None) -> tuple[ModelConfig, list[str]]:
+    """`cfg` with its vision indices in the convention the export is for (default EXPORT_LAYER_CONVENTION), naming
+    the same layers, and a note saying which readers compute the trained model from it."""
+    target = vision_layer_convention or EXPORT_LAYER_CONVENTION
+    if target not in LAYER_CONVENTION_READERS:
+        raise ConversionError(f"--vision-layer-convention '{target}': use 'input' ({LAYER_CONVENTION_READERS['input']})"
+                              f" or 'output' ({LAYER_CONVENTION_READERS['output']})")
+    v = cfg.vision
+    vision = replace(v, intermediate_layers_indices=layer_indices_in(v, target), intermediate_layers_convention=target)
+    other = "input" if target == "output" else "output"
+    note = (f"vision_config.intermediate_layers_indices {list(vision.intermediate_layers_indices)} written in the "
+            f"'{target}' convention ({LAYER_CONVENTION_KEY}): they give the trained model in "
+            f"{LAYER_CONVENTION_READERS[target]}; for {LAYER_CONVENTION_READERS[other]}, export with "
+            f"--vision-layer-convention {other}")
+    return replace(cfg, vision=vision), [note]
+
+
+def import_notes(cfg: ModelConfig) -> list[str]:
+    v = cfg.vision
+    state = "the state entering" if v.intermediate_layers_convention == "input" else "the output of"
+    return [f"vision intermediate_layers_indices {list(v.intermediate_layers_indices)} read in the "
+            f"'{v.intermediate_layers_convention}' convention (index i = {state} local layer i, as in "
+            f"{LAYER_CONVENTION_READERS[v.intermediate_layers_convention]}); a checkpoint trained otherwise needs "
+            "--set vision.intermediate_layers_convention=..."]
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
@@ -174,6 +226,7 @@ def _config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
             "norm_eps": v.norm_eps,
             "hidden_act": "gelu",
             "intermediate_layers_indices": list(v.intermediate_layers_indices),
+            LAYER_CONVENTION_KEY: v.intermediate_layers_convention,
             "supported_aspect_ratios": [list(a) for a in v.supported_aspect_ratios],
             "vision_output_dim": v.output_dim,
             "torch_dtype": dtype,

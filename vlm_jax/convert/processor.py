@@ -71,14 +71,17 @@ def has_processor(model: ModelConfig) -> bool:
 
 
 def export_repo(model: ModelConfig, data: DataConfig, params, out_dir: str, tokenizer: Tokenizer,
-                dtype: str = "float32", hf_config_base: dict | None = None) -> list[str]:
+                dtype: str = "float32", hf_config_base: dict | None = None,
+                vision_layer_convention: str | None = None, max_shard_bytes: int = 5 << 30
+                ) -> tuple[list[str], list[str]]:
     """A complete HF model repo in `out_dir`: weights, config.json and generation_config.json with the tokenizer's
-    ids, and the processor (`write_processor`). Returns the config ids the tokenizer replaced (`with_tokenizer_ids`).
-    The family must have a processor (`has_processor`)."""
+    ids, and the processor (`write_processor`). Returns the config ids the tokenizer replaced (`with_tokenizer_ids`)
+    and `to_hf`'s notes. The family must have a processor (`has_processor`)."""
     model, changes = with_tokenizer_ids(model, tokenizer, get_template(data.template, tokenizer))
-    to_hf(build_model(model), params, out_dir, dtype=dtype, hf_config_base=hf_config_base)
+    notes = to_hf(build_model(model), params, out_dir, dtype=dtype, hf_config_base=hf_config_base,
+                  max_shard_bytes=max_shard_bytes, vision_layer_convention=vision_layer_convention)
     write_processor(out_dir, model, data, tokenizer)
-    return changes
+    return changes, notes
 
 
 def write_processor(out_dir: str, model: ModelConfig, data: DataConfig, tokenizer: Tokenizer):

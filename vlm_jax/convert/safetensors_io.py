@@ -7,7 +7,9 @@ Directories may be local (files are memory-mapped) or on an object store (gs://:
 from __future__ import annotations
 
 import json
+import math
 import struct
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -103,42 +105,63 @@ def read_dir(hf_dir) -> dict[str, np.ndarray]:
     raise ConversionError(f"{hf_dir}: no *.safetensors weights{hint}")
 
 
-def _write_file(path, tensors: dict[str, np.ndarray]):
+Layout = list[tuple[str, tuple, np.dtype]]  # (name, shape, dtype) of each tensor, in the order they are written
+
+
+def _nbytes(shape: tuple, dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _write_file(path, layout: Layout, tensors: Iterator[tuple[str, np.ndarray]]):
+    """Writes the tensors of `layout`, taking each from `tensors` as it is due (the header comes first)."""
     header, offset = {}, 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for name, shape, dtype in layout:
+        end = offset + _nbytes(shape, dtype)
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)  # 8-byte aligned tensor data
     with atomic_open(path, "wb") as f:  # never a half-written file under the final name
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for name, shape, dtype in layout:
+            got, arr = next(tensors)
+            if (got, tuple(arr.shape), arr.dtype) != (name, tuple(shape), np.dtype(dtype)):
+                raise ConversionError(f"{path}: tensor '{got}' {arr.dtype}{list(arr.shape)} arrived where the layout "
+                                      f"has '{name}' {np.dtype(dtype)}{list(shape)}")
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+
+
+def write_stream(out_dir, layout: Layout, tensors: Iterable[tuple[str, np.ndarray]],
+                 max_shard_bytes: int = 5 << 30):
+    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`, from
+    `tensors` ((name, array) in `layout`'s order) as they come: the layout fixes every shard's header before any
+    data, so host memory holds one tensor at a time (an object-store upload holds its shard, see atomic_open)."""
+    out_dir = user_path(out_dir, "--out")
+    shards: list[Layout] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = _nbytes(*entry[1:])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = [SINGLE_NAME] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    tensors = iter(tensors)
+    for name, shard in zip(names, shards):
+        _write_file(out_dir / name, shard, tensors)
+    if len(shards) == 1:
+        return
+    weight_map = dict(sorted((entry[0], name) for name, shard in zip(names, shards) for entry in shard))
+    total = sum(_nbytes(*entry[1:]) for entry in layout)
+    with atomic_open(out_dir / INDEX_NAME) as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def write_dir(out_dir, tensors: dict[str, np.ndarray], max_shard_bytes: int = 5 << 30):
-    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over `max_shard_bytes`."""
-    out_dir = user_path(out_dir, "--out")
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        arr = tensors[name]
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = arr
-        size += arr.nbytes
-    if len(shards) == 1:
-        _write_file(out_dir / SINGLE_NAME, shards[0])
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_file(out_dir / fname, shard)
-        weight_map.update({k: fname for k in shard})
-    total = sum(a.nbytes for a in tensors.values())
-    with atomic_open(out_dir / INDEX_NAME) as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    """`write_stream` of in-memory tensors, in name order."""
+    items = sorted(tensors.items())
+    write_stream(out_dir, [(k, v.shape, v.dtype) for k, v in items], items, max_shard_bytes)

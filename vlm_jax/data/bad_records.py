@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from vlm_jax.errors import UserError
+
 log = logging.getLogger("vlm_jax.data")
 
 REASONS = (
@@ -34,7 +36,7 @@ class BadRecord(Exception):
         self.detail = detail
 
 
-class TooManyBadRecords(RuntimeError):
+class TooManyBadRecords(UserError, RuntimeError):
     """The share of unusable records passed data.max_bad_fraction; the message is one line."""
 
 

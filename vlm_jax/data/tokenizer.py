@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.paths import user_path, write_atomic
 
 # Where training keeps the tokenizer it trains for embedded tasks (<workdir>/tokenizer.model).
@@ -61,7 +62,7 @@ class Tokenizer:
         """Id of a special token the caller cannot work without; one-line error if absent."""
         token_id = self.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer {self} has no token '{token}'; pick a template that matches this "
+            raise ConfigError(f"tokenizer {self} has no token '{token}'; pick a template that matches this "
                              f"tokenizer (data.template) or train one with train_sentencepiece")
         return token_id
 
@@ -174,16 +175,33 @@ def load_tokenizer(path) -> Tokenizer:
         for name in ("tokenizer.json", "tokenizer.model", "spm.model"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
-        raise ValueError(f"no tokenizer.json or tokenizer.model in {path}; point data.tokenizer at the file")
+        raise ConfigError(f"no tokenizer.json or tokenizer.model in {path}; point data.tokenizer at the file")
     if not path.is_file():
-        raise ValueError(f"tokenizer file not found: {path}; set data.tokenizer to a .model or tokenizer.json")
+        raise ConfigError(f"tokenizer file not found: {path}; set data.tokenizer to a .model or tokenizer.json")
     if path.name.endswith(".json"):
-        return HFTokenizer(path.read_text(encoding="utf-8"), name=str(path))
+        try:
+            return HFTokenizer(path.read_bytes().decode("utf-8"), name=str(path))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+            raise ConfigError(f"{path} is not a tokenizers JSON file ({str(e).splitlines()[0] if str(e) else e!r}); "
+                              "point at the checkpoint's tokenizer.json") from None
     try:
         return SentencePieceTokenizer(path.read_bytes(), name=str(path))
     except RuntimeError:
-        raise ValueError(f"{path} is not a sentencepiece model (Llama 3 ships a tiktoken file under that name); "
-                         "use the checkpoint's tokenizer.json instead") from None
+        raise ConfigError(f"{path} is not a sentencepiece model (Llama 3 ships a tiktoken file under that name); "
+                          "use the checkpoint's tokenizer.json instead") from None
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, model, where: str):
+    """The tokenizer's ids are the model's: its <|image|> id is model.image_token_index (images go where the
+    model looks for them) and every id has an embedding row (a larger id would be read out of range silently)."""
+    if tokenizer.image_id != model.image_token_index:
+        raise ConfigError(f"model.image_token_index ({model.image_token_index}) must equal the <|image|> id "
+                          f"({tokenizer.image_id}) of the tokenizer {where}; set "
+                          f"model.image_token_index={tokenizer.image_id}, or use the model's tokenizer")
+    rows = model.text.vocab_size + model.text.extra_embeddings
+    if tokenizer.vocab_size > rows:
+        raise ConfigError(f"the tokenizer {where} has {tokenizer.vocab_size} tokens, more than the model's {rows} "
+                          "embedding rows (model.text.vocab_size + extra_embeddings); use the model's tokenizer")
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | None = None,

@@ -8,9 +8,10 @@ import dataclasses
 
 import numpy as np
 
-from vlm_jax.config import DataConfig
+from vlm_jax import sharding
+from vlm_jax.config import DataConfig, MeshConfig
 from vlm_jax.data import ExamplePreparer, collate, get_template, load_tokenizer
-from vlm_jax.data.tokenizer import TOKENIZER_FILE
+from vlm_jax.data.tokenizer import TOKENIZER_FILE, check_tokenizer_fits
 from vlm_jax.errors import UserError
 from vlm_jax.families import generating_family
 from vlm_jax.infer.generate import Sampling, generate
@@ -118,5 +119,10 @@ def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | 
     image op, shapes) are the run's own unless `data` is given."""
     config, _, _ = checkpoint.read_meta(checkpoint_path)
     model = generating_family(config.model, f"generating from {checkpoint_path}").build(config.model)
-    return Answerer(model, checkpoint.restore_params(checkpoint_path),
-                    find_tokenizer(config, checkpoint_path, tokenizer), data or config.data, **kwargs)
+    tokenizer = find_tokenizer(config, checkpoint_path, tokenizer)  # before the (slow) restore: mistakes first
+    check_tokenizer_fits(tokenizer, config.model, f"{tokenizer} (for {checkpoint_path})")
+    # Sharded over every device (the default mesh and rules), so a model larger than one device's memory loads.
+    mesh_config = MeshConfig()
+    params = checkpoint.restore_params(checkpoint_path, mesh=sharding.make_mesh(mesh_config),
+                                       rules=sharding.load_rules(mesh_config.rules))
+    return Answerer(model, params, tokenizer, data or config.data, **kwargs)

@@ -15,7 +15,7 @@ import numpy as np
 
 from vlm_jax.config import SourceConfig, TrainConfig
 from vlm_jax.data import build_source, collate
-from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.data.bad_records import BadRecord, BadRecordCounter
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.vqa import exact_match, majority_baseline
 from vlm_jax.registry import EVALUATORS
@@ -26,16 +26,26 @@ def source_label(s: SourceConfig) -> str:
     return f"{s.name}/{s.split}"
 
 
-def read_records(source: SourceConfig, limit: int = 0, where: str = "data.eval_sources[?]") -> tuple[list, int]:
-    """(the first `limit` (0 = all) readable records, how many were unreadable and skipped)."""
+def read_records(source: SourceConfig, limit: int = 0, where: str = "data.eval_sources[?]", usable=None,
+                 counter: BadRecordCounter | None = None) -> tuple[list, int]:
+    """(the first `limit` (0 = all) readable records, how many were unreadable and skipped). `usable(record)`
+    raises BadRecord for a record that cannot be used either (e.g. an undecodable image); `counter` (default:
+    never stops) stops the read when too many are unusable."""
     reader = build_source(source, where)
-    records, skipped = [], 0
+    counter = counter or BadRecordCounter(max_fraction=1.0, min_records=1)
+    records = []
     for i in range(len(reader) if limit <= 0 else min(limit, len(reader))):
         try:
-            records.append(reader[i])
-        except BadRecord:
-            skipped += 1
-    return records, skipped
+            record = reader[i]
+            if usable:
+                usable(record)
+        except BadRecord as e:
+            counter.add_bad(e.reason, e.detail, f"{where} #{i}")
+            continue
+        counter.add_good()
+        records.append(record)
+    counter.check(final=True)
+    return records, counter.bad
 
 
 @dataclasses.dataclass
@@ -83,8 +93,13 @@ def evaluate_records(answerer: Answerer, label: str, records: list[dict], skippe
 
 def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
                      perplexity: bool = True) -> list[SourceResult]:
-    return [evaluate_records(answerer, source_label(s), *read_records(s, limit, f"data.eval_sources[{i}]"),
-                             perplexity=perplexity) for i, s in enumerate(sources)]
+    def counter():
+        return BadRecordCounter(answerer.data.max_bad_fraction, answerer.data.bad_fraction_min_records)
+
+    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
+    read = [read_records(s, limit, f"data.eval_sources[{i}]", answerer.preparer.prompt, counter())
+            for i, s in enumerate(sources)]
+    return [evaluate_records(answerer, source_label(s), *r, perplexity=perplexity) for s, r in zip(sources, read)]
 
 
 def results_table(results: list[SourceResult]) -> str:

@@ -7,14 +7,19 @@ Restores go through an abstract target carrying the CURRENT mesh's shardings, so
 """
 from __future__ import annotations
 
+import contextlib
+
 import absl.logging
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vlm_jax import families, sharding
 from vlm_jax.config import Config, from_dict, to_dict, validate
 from vlm_jax.errors import UserError
 from vlm_jax.paths import user_path
+from vlm_jax.train.state import abstract_with_shardings
 
 PARAMS, META = "params", "meta"
 HANDLERS = {PARAMS: ocp.StandardCheckpointHandler, META: ocp.JsonCheckpointHandler}
@@ -74,18 +79,66 @@ def read_meta(path: str) -> tuple[Config, dict | None, int]:
     return config, meta.get("hf_config"), step
 
 
-def restore_params(path: str, abstract_params=None):
-    """Params of a checkpoint. `abstract_params` (ShapeDtypeStructs with shardings) places them on the current
-    mesh; without it they come back as host-local arrays."""
+def params_metadata(path: str):
+    """The array metadata (shapes, dtypes) of a checkpoint's params; nothing is read."""
     directory, step = resolve(path)
     with manager(directory, read_only=True) as mgr:
+        return mgr.item_metadata(step)[PARAMS]
+
+
+def restore_params(path: str, abstract_params=None, mesh=None, rules=None):
+    """Params of a checkpoint, placed by `abstract_params` (ShapeDtypeStructs with shardings), or sharded over
+    `mesh` by `rules` and its model's logical axes (a dimension the mesh does not divide stays replicated), so
+    no device holds more than its share; without either they come back on one device."""
+    directory, step = resolve(path)
+    if mesh is not None:
+        config, _, _ = read_meta(path)
+        boxed = families.abstract_params(families.build_model(config.model))
+        abstract_params = abstract_with_shardings(nn.meta.unbox(boxed), sharding.param_shardings(
+            boxed, mesh, rules, replicate_indivisible=True))
+    with manager(directory, read_only=True) as mgr:
         if abstract_params is None:
-            meta = mgr.item_metadata(step)[PARAMS]
             abstract_params = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-                    jax.devices()[0])), meta)
+                    jax.devices()[0])), mgr.item_metadata(step)[PARAMS])
         restored = mgr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))
     return restored[PARAMS]
+
+
+class _StoredArray:
+    """One array of a checkpoint, read from storage (as numpy) each time np.asarray asks for it."""
+
+    def __init__(self, handler, item_dir, keys: tuple, meta):
+        self._handler, self._item_dir, self._keys = handler, item_dir, keys
+        self.shape, self.dtype = tuple(meta.shape), np.dtype(meta.dtype)
+
+    def _nest(self, leaf):
+        for key in reversed(self._keys):
+            leaf = {key: leaf}
+        return leaf
+
+    def __array__(self, dtype=None, copy=None):
+        item = self._nest(jax.ShapeDtypeStruct(self.shape, self.dtype))
+        restored = self._handler.restore(self._item_dir, args=ocp.args.PyTreeRestore(
+            item, restore_args=self._nest(ocp.RestoreArgs(restore_type=np.ndarray)), partial_restore=True))
+        for key in self._keys:
+            restored = restored[key]
+        return restored if dtype is None else restored.astype(dtype)
+
+
+@contextlib.contextmanager
+def lazy_params(path):
+    """The params tree of a checkpoint whose leaves are read from storage only when np.asarray converts them,
+    one at a time: a caller that converts and drops them in turn (`convert.to_hf`) never holds the whole model."""
+    directory, step = resolve(path)
+    item_dir = user_path(directory, "--checkpoint") / str(step) / PARAMS
+    handler = ocp.PyTreeCheckpointHandler()  # StandardCheckpointHandler restores only whole trees
+    try:
+        meta = handler.metadata(item_dir).tree
+        yield jax.tree_util.tree_map_with_path(
+            lambda keys, m: _StoredArray(handler, item_dir, tuple(k.key for k in keys), m), meta)
+    finally:
+        handler.close()
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -110,6 +163,14 @@ def save_train(mgr, step: int, *, params, opt_state, train_state: dict, data_ite
         PARAMS: ocp.args.StandardSave(params), OPT_STATE: ocp.args.StandardSave(opt_state),
         TRAIN_STATE: ocp.args.JsonSave(train_state), DATA_ITER: ocp.args.JsonSave(data_iter),
         META: ocp.args.JsonSave(meta)}))
+
+
+def committed_steps(directory) -> list[int]:
+    directory = user_path(directory, "checkpoint directory")
+    if not directory.is_dir():
+        return []
+    with manager(directory, read_only=True) as mgr:
+        return list(mgr.all_steps())
 
 
 def incomplete_steps(directory) -> list[str]:

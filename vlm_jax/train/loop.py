@@ -13,15 +13,16 @@ import jax
 import numpy as np
 
 from vlm_jax import hardware, sharding
-from vlm_jax.config import Config
+from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
-from vlm_jax.paths import user_path
+from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
 from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.data import open_train_data
+from vlm_jax.train.init_from import InitSource, differing_model_field
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.preemption import StopSignal
 from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, stage_train_config, total_steps
@@ -47,6 +48,7 @@ class Trainer:
     def __init__(self, cfg: Config, devices=None, echo=print):
         if not cfg.workdir:
             raise ConfigError("workdir is not set; pass workdir=DIR (checkpoints and metrics go there)")
+        check_writable(user_path(cfg.workdir, "workdir"), "workdir", folder=True)
         self.cfg, self.echo = cfg, echo
         self.stages = resolve_stages(cfg.train)
         self.end = total_steps(cfg.train, self.stages)
@@ -69,11 +71,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
 
-    def fresh_state(self) -> TrainState:
+    def init_source(self) -> InitSource | None:
+        """`train.init_from`, checked against the model (metadata only), when this run starts fresh."""
+        if not self.cfg.train.init_from or checkpoint.committed_steps(self.ckpt_dir):
+            return None
+        return InitSource(self.cfg.train.init_from, self.cfg.model, self.abstract_params)
+
+    def fresh_state(self, init: InitSource | None = None) -> TrainState:
+        """Step 0: parameters from `init` or a random init, a fresh optimizer state, rng and counters."""
         plan = self.plan(self.stages[0])
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
-                             out_shardings=plan.shardings.params)(jax.random.PRNGKey(self.cfg.seed))
+        if init is not None:
+            params = init.params(plan.shardings.params)
+            self.echo(f"parameters from the {init.kind} {self.cfg.train.init_from} (train.init_from); optimizer "
+                      "state, step and data start fresh")
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
+                                 out_shardings=plan.shardings.params)(jax.random.PRNGKey(self.cfg.seed))
         opt_state = init_opt_state(plan.tx, params, plan.trainable, plan.shardings.opt_state)
         return TrainState(params=params, opt_state=opt_state, **self._place_scalars(
             scalars(0, jax.random.PRNGKey(self.cfg.seed + 1))))
@@ -93,12 +107,13 @@ class Trainer:
         for i, step in enumerate(steps):
             try:  # metadata only: no array is read yet
                 owner = checkpoint.restore_item(mgr, step, checkpoint.TRAIN_STATE)["stage"]
+                written_by = from_dict(Config, checkpoint.restore_item(mgr, step, checkpoint.META)["config"]).model
                 saved = mgr.item_metadata(step)
                 saved = {k: saved[k] for k in (checkpoint.PARAMS, checkpoint.OPT_STATE)}
             except Exception as e:  # noqa: BLE001  (a damaged step must not stop the fallback)
                 self._unreadable(step, e, steps[i + 1:])
                 continue
-            plan = self._check_fits(step, owner, saved)
+            plan = self._check_fits(step, owner, saved, written_by)
             try:
                 abstract = abstract_with_shardings(self.abstract_params, plan.shardings.params)
                 items = checkpoint.restore_train(mgr, step, abstract, plan.abstract_opt_state(self.abstract_params))
@@ -121,9 +136,10 @@ class Trainer:
                 "is left; repair or move that directory away (training will not start fresh over a run)")
         self.echo(f"warning: checkpoint step {step} is unreadable ({reason}); falling back to step {older[0]}")
 
-    def _check_fits(self, step: int, owner: int, saved: dict) -> StagePlan:
+    def _check_fits(self, step: int, owner: int, saved: dict, written_by: ModelConfig) -> StagePlan:
         """The owner stage's plan, when `saved` (the step's array metadata) has exactly the current config's
-        parameter and optimizer-state shapes and dtypes; else one line naming the first difference."""
+        parameter and optimizer-state shapes and dtypes, and the model config that wrote it computes the same
+        model; else one line naming the first difference."""
         where = f"checkpoint step {step} in {self.ckpt_dir}"
         if owner >= len(self.stages):
             raise checkpoint.CheckpointError(f"{where} was written in stage {owner} but the config has "
@@ -140,6 +156,12 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{where} does not fit the config: {item}/{path} is {there} there but {here} now; {why}; "
                     "run with the settings that wrote it or use a new workdir")
+        field = differing_model_field(written_by, self.cfg.model)
+        if field:
+            key, there, here = field
+            raise checkpoint.CheckpointError(
+                f"{where} was trained with model.{key}={there!r} but the config says {here!r}; set "
+                f"model.{key}={there!r} to resume it (or use a new workdir)")
         return plan
 
     def enter_stage(self, state: TrainState, owner: int, stage: Stage) -> TrainState:
@@ -216,6 +238,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         train = self.cfg.train
+        init = self.init_source()  # a source that does not fit stops here, before the workdir is touched
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # creates nothing on an object store
         mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
                                        keep_every=train.checkpoint.keep_every,
@@ -224,10 +247,11 @@ class Trainer:
             with StopSignal() as stop:  # from here on a signal waits for a step boundary (and its save)
                 restored = self.restore(mgr)
                 if restored is None:
-                    state, owner, data_iter = self.fresh_state(), 0, {}
+                    state, owner, data_iter = self.fresh_state(init), 0, {}
                 else:
                     state, owner, data_iter = restored
-                    self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}")
+                    self.echo(f"resumed from {self.ckpt_dir} step {int(state.step)}" + (
+                        "; train.init_from is ignored (it only initialises a new run)" if train.init_from else ""))
                 logger = MetricsLogger(self.cfg.workdir, int(state.step), train.log.tensorboard, self.echo,
                                        primary=jax.process_index() == 0, total_steps=self.end)
                 try:

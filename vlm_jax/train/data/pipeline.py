@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from vlm_jax.data import build_pipeline, collate, load_tokenizer, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.data.sources.embedded import EMBEDDED_KINDS
-from vlm_jax.data.tokenizer import TOKENIZER_FILE
+from vlm_jax.data.tokenizer import TOKENIZER_FILE, check_tokenizer_fits
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import generating_family
 from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
@@ -40,10 +40,7 @@ class PipelineData(StagedSourcesData):
             return
         self.tokenizer, where = self._tokenizer()
         self.pad_id = self.tokenizer.pad_id
-        if self.tokenizer.image_id != model.image_token_index:
-            raise ConfigError(f"model.image_token_index ({model.image_token_index}) must equal the <|image|> id "
-                              f"({self.tokenizer.image_id}) of the tokenizer {where}; set "
-                              f"model.image_token_index={self.tokenizer.image_id}")
+        check_tokenizer_fits(self.tokenizer, model, where)
         self._check_token_ids(model, where)
         if self.tokenizer.vocab_size > model.text.vocab_size:
             raise ConfigError(f"the tokenizer {where} has {self.tokenizer.vocab_size} tokens, more than "
