@@ -14,7 +14,7 @@ from vlm_jax.config.loader import (apply_overrides, check, deep_merge, from_dict
 from vlm_jax.config.mesh import DistributedConfig, MeshConfig, validate_mesh
 from vlm_jax.config.model import (ConnectorConfig, MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig,
                                   TextEncoderConfig, ViTConfig, load_model_config, validate_model)
-from vlm_jax.config.train import (CheckpointConfig, LogConfig, LrGroup, OptimizerConfig, ScheduleConfig,
+from vlm_jax.config.train import (CheckpointConfig, DpoConfig, LogConfig, LrGroup, OptimizerConfig, ScheduleConfig,
                                   StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
 from vlm_jax.errors import ConfigError
 from vlm_jax.paths import user_path
@@ -81,7 +81,7 @@ __all__ = [
     "Config", "ConfigError", "load_config", "validate", "stage_data_config", "load_model_config", "from_dict",
     "to_dict", "deep_merge", "parse_override", "apply_overrides", "read_yaml", "check",
     "ModelConfig", "MllamaVisionConfig", "TextConfig", "ViTConfig", "ConnectorConfig", "TextEncoderConfig",
-    "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "StageConfig", "ScheduleConfig",
+    "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "DpoConfig", "StageConfig", "ScheduleConfig",
     "OptimizerConfig", "LrGroup", "CheckpointConfig", "LogConfig", "SyntheticDataConfig", "DataConfig",
     "SourceConfig", "ImageConfig", "ShapeConfig", "PackingConfig", "WorkerConfig", "validate_data",
     "validate_model", "validate_train",

@@ -8,6 +8,7 @@ from typing import Any
 from vlm_jax.config.loader import check
 from vlm_jax.errors import ConfigError
 from vlm_jax.paths import user_path
+from vlm_jax.registry import OBJECTIVES
 
 NO_DECAY_DEFAULT = (r".*/bias", r".*norm[^/]*/scale", r"(.*/)?[a-z_]*gate(_attn|_ffn)?", r"(.*/)?[a-z_]*embedding")
 
@@ -65,6 +66,14 @@ class SyntheticDataConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    """Direct preference optimisation (train.objective: dpo) on preference pairs; see vlm_jax/objectives/preference.py."""
+    beta: float = 0.1  # scale of the implicit reward beta * (log pi - log pi_ref)
+    label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed mislabelled, in [0, 0.5)
+    sft_weight: float = 0.0  # weight of the chosen answer's mean per-token NLL added to the loss (0 = none)
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One recipe stage; fields left unset inherit the `train:` values."""
     name: str = ""
@@ -76,6 +85,8 @@ class StageConfig:
     reset_optimizer: bool = False  # fresh optimizer state (always the case when the trainable set changes)
     synthetic: SyntheticDataConfig | None = None
     data: dict[str, Any] | None = None  # `data:` keys this stage overrides (deep-merged; see stage_data_config)
+    objective: str | None = None  # e.g. "dpo" for a preference stage
+    dpo: DpoConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,10 @@ class TrainConfig:
     frozen: tuple[str, ...] = ()  # regexes subtracted from `trainable`
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    # A registered objective (vlm_jax/objectives/); "" = the model family's own (next_token, contrastive).
+    # "dpo" reads preference pairs and scores them against a frozen reference: the params the stage starts from.
+    objective: str = ""
+    dpo: DpoConfig = DpoConfig()
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk (bounds the logits held at once)
     z_loss: float = 0.0  # weight of mean(logsumexp^2)
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (each skipped) before stopping
@@ -126,6 +141,15 @@ def _validate_schedule(s: ScheduleConfig, where: str):
     check(0 <= s.final_fraction <= 1, f"{where}.final_fraction must be in [0, 1], got {s.final_fraction}")
 
 
+def _validate_objective(objective: str | None, dpo: DpoConfig | None, where: str):
+    if objective:
+        OBJECTIVES.get(objective, f"{where}.objective")
+    if dpo is not None:
+        check(dpo.beta > 0, f"{where}.dpo.beta must be positive, got {dpo.beta}")
+        check(0 <= dpo.label_smoothing < 0.5, f"{where}.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+        check(dpo.sft_weight >= 0, f"{where}.dpo.sft_weight must be >= 0, got {dpo.sft_weight}")
+
+
 def validate_train(t: TrainConfig):
     check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")  # > 0 without stages: checked by `train`
     check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
@@ -140,6 +164,7 @@ def validate_train(t: TrainConfig):
           f"train.profile_steps must be [] or two steps [a, b] with 0 < a < b, got {list(t.profile_steps)}")
     check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
     _validate_schedule(t.schedule, "train.schedule")
+    _validate_objective(t.objective, t.dpo, "train")
     if t.init_from:
         user_path(t.init_from, "train.init_from")  # an unknown scheme stops here, named
     _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
@@ -150,4 +175,5 @@ def validate_train(t: TrainConfig):
         if st.schedule is not None:
             _validate_schedule(st.schedule, f"{where}.schedule")
         _check_regexes((st.trainable or ()) + (st.frozen or ()), where)
+        _validate_objective(st.objective, st.dpo, where)
         _check_regexes([g.pattern for g in st.lr_groups or ()], f"{where}.lr_groups")

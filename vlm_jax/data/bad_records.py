@@ -18,6 +18,7 @@ REASONS = (
     "image_count_mismatch",  # <image> placeholders and images disagree
     "too_many_images",  # more image slots than data.shapes.max_images
     "too_long",  # longer than data.shapes.seq_len (overflow=drop), or nothing supervised survives truncation
+    "record_kind",  # an SFT record where a preference objective reads pairs (chosen/rejected), or the reverse
 )
 
 # Log the first few records per reason loudly; the rest only at DEBUG so a bad shard cannot flood logs.

@@ -38,10 +38,15 @@ def _truncation_point(starts: np.ndarray, sizes: np.ndarray, seq_len: int) -> in
 
 
 class ExamplePreparer:
-    """Callable: record {"images", "turns", ...} -> example dict of numpy arrays (see __call__)."""
+    """Callable: record {"images", "turns", ...} -> example dict of numpy arrays (see __call__).
 
-    def __init__(self, spec: InputSpec, template: Template, image: ImageConfig, shapes: ShapeConfig):
-        self.spec, self.template, self.shapes = spec, template, shapes
+    With `pairs`, records are preference records {"images", "turns" (the prompt), "chosen", "rejected"} and each
+    becomes {"pair": [chosen example, rejected example]}: the prompt turns plus that answer as the assistant
+    turn, templated and masked like SFT (loss on the answer only), the images prepared once for both."""
+
+    def __init__(self, spec: InputSpec, template: Template, image: ImageConfig, shapes: ShapeConfig,
+                 pairs: bool = False):
+        self.spec, self.template, self.shapes, self.pairs = spec, template, shapes, pairs
         self.image_op = get_image_op(image.op, image_size=spec.image_size, max_tiles=image.max_tiles,
                                      mean=spec.image_mean, std=spec.image_std, thumbnail=image.thumbnail)
         self.unified = spec.unified
@@ -49,21 +54,33 @@ class ExamplePreparer:
     def __call__(self, record: dict) -> dict:
         """Returns tokens (L,) int32, loss_mask (L,) bool, images [(n, 3, H, W) float32], aspect_ratio_ids,
         num_tiles (per image), spans ((images, 2) cross-attention token ranges), num_slots, truncated."""
-        return self._build(record["images"], place_images(record["turns"], len(record["images"])))
+        preference = "chosen" in record
+        if preference != self.pairs:
+            raise BadRecord("record_kind", "a preference record (chosen/rejected) where the objective reads SFT "
+                            "records" if preference else "an SFT record where the objective reads preference pairs")
+        turns = place_images(record["turns"], len(record["images"]))
+        tiles = self._tiles(record["images"])
+        if not preference:
+            return self._build(tiles, turns)
+        pair = [self._build(tiles, [*turns, ("assistant", record[k])]) for k in ("chosen", "rejected")]
+        return {"pair": pair, "truncated": any(e["truncated"] for e in pair)}
 
     def prompt(self, record: dict) -> tuple[dict, str]:
         """(example, reference answer) for generation: the turns before a final assistant turn, ending with the
-        assistant header; the reference is that turn's text ("" when the record ends with a user turn)."""
+        assistant header; the reference is that turn's text, or a preference record's chosen answer ("" when
+        there is neither)."""
         turns = place_images(record["turns"], len(record["images"]))
-        answer = ""
+        answer = record.get("chosen", "")
         if turns[-1][0] == "assistant":
             turns, answer = turns[:-1], turns[-1][1]
-        return self._build(record["images"], turns, generation=True), answer
+        return self._build(self._tiles(record["images"]), turns, generation=True), answer
 
-    def _build(self, raw_images: list, turns: list[tuple[str, str]], generation: bool = False) -> dict:
+    def _tiles(self, raw_images: list) -> list:
         if not self.unified and len(raw_images) > self.shapes.max_images:
             raise BadRecord("too_many_images", f"{len(raw_images)} > data.shapes.max_images={self.shapes.max_images}")
-        tiles = [self.image_op(decode_image(raw)) for raw in raw_images]
+        return [self.image_op(decode_image(raw)) for raw in raw_images]
+
+    def _build(self, tiles: list, turns: list[tuple[str, str]], generation: bool = False) -> dict:
         tokens, loss_mask = self.template.encode(turns, add_generation_prompt=generation)
         if (found := int(np.sum(tokens == self.template.image_id))) != len(tiles):
             # The text itself spells the image token; it would steal an image's cross-attention span.

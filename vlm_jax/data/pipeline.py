@@ -140,10 +140,18 @@ class BatchIterator(grain.DatasetIterator):
             self._truncated += element["truncated"]
         return element["kind"] == "good"
 
+    def _rows(self, element: dict) -> list[list[dict]]:
+        """Counts the element; the batch rows it fills (a preference pair: two, chosen then rejected; an
+        unusable element of a held-out stream: empty ones)."""
+        usable = self._count(element)
+        if self._prepare.pairs:
+            return [[e] for e in element["pair"]] if usable else [[], []]
+        return [[element] if usable else []]
+
     def __next__(self) -> dict[str, np.ndarray]:
         shapes = self._cfg.shapes
-        if not self._train:
-            return self._next_eval()
+        if not self._train or self._prepare.pairs:
+            return self._next_rows()
         packer = RowPacker(shapes.batch_size, shapes.seq_len, shapes.max_images, self._cfg.packing.enabled)
         while True:
             element = self._take()
@@ -154,15 +162,16 @@ class BatchIterator(grain.DatasetIterator):
             self._cursor.next = element["index"] + 1
         return collate(packer.rows, self._spec, shapes, self._pad_id)
 
-    def _next_eval(self) -> dict[str, np.ndarray]:
-        """One row per stream slot; bad records and padding leave their row empty (segment_ids all 0)."""
+    def _next_rows(self) -> dict[str, np.ndarray]:
+        """Unpacked rows: one per stream slot (two for a preference pair). Held out, bad records and padding
+        leave their rows empty (segment_ids all 0); in training they are skipped."""
         rows = []
         while len(rows) < self._cfg.shapes.batch_size:
             try:
                 element = self._take()
             except StopIteration:
                 break
-            rows.append([element] if self._count(element) else [])
+            rows += [r for r in self._rows(element) if r or not self._train]
             self._cursor.next = element["index"] + 1
         if not rows:
             self._counter.check(final=True)
@@ -191,15 +200,22 @@ class BatchIterator(grain.DatasetIterator):
 
 
 def build_pipeline(cfg: DataConfig, tokenizer: Tokenizer, spec: InputSpec, process_index: int = 0,
-                   process_count: int = 1, *, train: bool = True, state: dict | None = None) -> grain.DatasetIterator:
+                   process_count: int = 1, *, train: bool = True, state: dict | None = None,
+                   pairs: bool = False) -> grain.DatasetIterator:
     """Iterator of batches (dicts of numpy arrays, see batching.py) for this process.
 
     train=True: `cfg.sources`, mixed, reshuffled each epoch, endless; packing per cfg.packing.
     train=False: `cfg.eval_sources` once, in order, unpacked, one row per record, ending with StopIteration;
     every process yields the same number of batches.
+    pairs=True: preference records, unpacked, rows 2i / 2i+1 the chosen / rejected answer of one record.
     `state`: from `get_state()` (or `restore_state`) of an earlier run, to continue exactly.
     """
     validate_data(cfg)
+    if pairs and cfg.packing.enabled:
+        raise ConfigError("data.packing.enabled: preference pairs are not packed yet; set data.packing.enabled=false")
+    if pairs and cfg.shapes.batch_size % 2:
+        raise ConfigError(f"data.shapes.batch_size ({cfg.shapes.batch_size}) must be even for preference pairs "
+                          "(a chosen and a rejected row each)")
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside [0, {process_count})")
     if not train and not cfg.eval_sources:
@@ -218,7 +234,7 @@ def build_pipeline(cfg: DataConfig, tokenizer: Tokenizer, spec: InputSpec, proce
                           f"image_token_index ({spec.image_token_id}); use the checkpoint's tokenizer")
     sources, key = (cfg.sources, "data.sources") if train else (cfg.eval_sources, "data.eval_sources")
     records = _records(sources, cfg.seed, train, key)
-    prepare = ExamplePreparer(spec, template, cfg.image, cfg.shapes)
+    prepare = ExamplePreparer(spec, template, cfg.image, cfg.shapes, pairs)
     iterator = BatchIterator(cfg, records, prepare, spec, template.pad_id, Cursor(process_index, process_count), train)
     if state is not None:
         iterator.set_state(state)

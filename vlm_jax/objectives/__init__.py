@@ -1,5 +1,15 @@
-"""Training objectives, registered by name (a family names its own; see vlm_jax/families/)."""
-from vlm_jax.objectives.base import LossSums
-from vlm_jax.objectives import contrastive, next_token  # noqa: F401  (they register the built-in objectives)
+"""Training objectives, registered by name (a family names its own; see vlm_jax/families/; `train.objective`
+or a stage's `objective` overrides it)."""
+from vlm_jax.config import ModelConfig, TrainConfig
+from vlm_jax.families import get_family
+from vlm_jax.objectives.base import REFERENCE_LOGPS, LossSums, is_paired
+from vlm_jax.objectives import contrastive, next_token, preference  # noqa: F401  (they register the built-ins)
+from vlm_jax.registry import OBJECTIVES
 
-__all__ = ["LossSums"]
+
+def get_objective(m: ModelConfig, train: TrainConfig):
+    """The objective `train.objective` names, or the model family's own."""
+    return OBJECTIVES.get(train.objective or get_family(m).objective, "train.objective")
+
+
+__all__ = ["LossSums", "REFERENCE_LOGPS", "is_paired", "get_objective"]

@@ -24,17 +24,23 @@ def next_token_targets(input_ids, loss_mask):
 
 
 def _token_sums(logits, targets, weights) -> LossSums:
+    """Per-row sums, each (B,)."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     # Unsupervised targets may lie outside the vocabulary (the image token): clip them so the gather
     # cannot produce NaN, which a zero weight would not cancel.
     safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
     target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
-    return LossSums(jnp.sum((lse - target_logit) * weights), jnp.sum(lse ** 2 * weights), jnp.sum(weights))
+    return LossSums(jnp.sum((lse - target_logit) * weights, axis=-1), jnp.sum(lse ** 2 * weights, axis=-1),
+                    jnp.sum(weights, axis=-1))
+
+
+def _total(sums: LossSums) -> LossSums:
+    return LossSums(jnp.sum(sums.nll), jnp.sum(sums.z), jnp.sum(sums.weight))
 
 
 def full_logits_loss(logits, targets, weights) -> LossSums:
     """Reference: the same sums from materialised (B, S, V) fp32 logits."""
-    return _token_sums(logits.astype(jnp.float32), targets, weights)
+    return _total(_token_sums(logits.astype(jnp.float32), targets, weights))
 
 
 def lm_head_kernel(params, config: ModelConfig):
@@ -47,6 +53,11 @@ def lm_head_kernel(params, config: ModelConfig):
 
 def chunked_loss(hidden, kernel, targets, weights, chunk: int, compute_dtype) -> LossSums:
     """hidden (B, S, H) -> LossSums without materialising more than (B, chunk, V) logits."""
+    return _total(chunked_row_sums(hidden, kernel, targets, weights, chunk, compute_dtype))
+
+
+def chunked_row_sums(hidden, kernel, targets, weights, chunk: int, compute_dtype) -> LossSums:
+    """`chunked_loss` per row: LossSums of (B,) arrays (sequence-level scores, e.g. preference log-probs)."""
     b, s, h = hidden.shape
     chunk = min(chunk, s)
     pad = -s % chunk
@@ -66,13 +77,18 @@ def chunked_loss(hidden, kernel, targets, weights, chunk: int, compute_dtype) ->
         return _token_sums(logits.astype(jnp.float32), t_c, w_c)
 
     per_chunk = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets), chunks(weights)))
-    return LossSums(*(jnp.sum(x) for x in per_chunk))
+    return LossSums(*(jnp.sum(x, axis=0) for x in per_chunk[:3]))
+
+
+def row_sums(model, params, inputs: dict, batch: dict, train: TrainConfig) -> LossSums:
+    """Per row (B,): -log p of the supervised tokens of `batch` (its input_ids and loss_mask), summed."""
+    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
+    targets, weights = next_token_targets(batch["input_ids"], batch["loss_mask"])
+    kernel = lm_head_kernel(params, model.config)
+    return chunked_row_sums(hidden, kernel, targets, weights, train.loss_chunk, dtype_of(model.config.dtype))
 
 
 @OBJECTIVES.register("next_token")
 def next_token_loss(model, params, inputs: dict, batch: dict, train: TrainConfig) -> LossSums:
     """Language modelling on the supervised tokens of `batch` (its input_ids and loss_mask)."""
-    hidden = model.apply({"params": params}, **inputs, return_hidden=True)
-    targets, weights = next_token_targets(batch["input_ids"], batch["loss_mask"])
-    kernel = lm_head_kernel(params, model.config)
-    return chunked_loss(hidden, kernel, targets, weights, train.loss_chunk, dtype_of(model.config.dtype))
+    return _total(row_sums(model, params, inputs, batch, train))

@@ -17,6 +17,7 @@ from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
+from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
@@ -25,9 +26,9 @@ from vlm_jax.train.init_from import InitSource, differing_model_field
 from vlm_jax.train.metrics import MetricsLogger
 from vlm_jax.train.preemption import StopSignal
 from vlm_jax.train.profiler import StepProfiler
-from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, total_steps
+from vlm_jax.train.recipe import Stage, resolve_stages, stage_at, stage_train_config, total_steps
 from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings, init_opt_state, scalars
-from vlm_jax.train.step import batch_shardings, make_eval_step, make_train_step
+from vlm_jax.train.step import batch_shardings, make_eval_step, make_reference_step, make_train_step
 
 # Logged as eval_accuracy/<source> when train.eval_examples > 0 (registered by vlm_jax/infer/evaluate.py).
 ANSWER_ACCURACY = "answer_accuracy"
@@ -61,6 +62,8 @@ class Trainer:
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
         self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
+        # A preference stage's frozen reference params (never updated) and its jitted answer log-probs.
+        self.reference = self.reference_logps = None
 
     def plan(self, stage: Stage) -> StagePlan:
         if stage.index not in self.plans:
@@ -180,6 +183,29 @@ class Trainer:
                          "nonfinite_streak": int(state.nonfinite_streak),
                          "nonfinite_total": int(state.nonfinite_total)})
 
+    def reference_dir(self, stage: Stage):
+        return self.ckpt_dir.parent / "reference" / str(stage.index)
+
+    def load_reference(self, state: TrainState, stage: Stage, plan: StagePlan):
+        """The frozen reference of a preference stage: the params it starts from, written once (atomically, as a
+        params checkpoint of step `stage.start`) to <workdir>/reference/<stage index> when it starts, and read
+        back from there, so a resumed stage scores against bitwise the same reference."""
+        directory, step = self.reference_dir(stage), int(state.step)
+        if not directory.is_dir():
+            if step != stage.start:
+                raise checkpoint.CheckpointError(
+                    f"stage '{stage.name}' resumes at step {step} but its reference model {directory} (written when "
+                    f"the stage started at step {stage.start}) is missing; restore that directory or use a new workdir")
+            checkpoint.save_params(str(directory), state.params, self.cfg, step=stage.start)
+            self.echo(f"stage '{stage.name}': reference model = the params at step {step}, saved to {directory}")
+        saved_step = checkpoint.resolve(str(directory))[1]
+        if saved_step != stage.start:
+            raise checkpoint.CheckpointError(
+                f"{directory} holds the reference of step {saved_step}, but stage '{stage.name}' starts at step "
+                f"{stage.start} (train.stages changed); move it away to take the params of step {stage.start}")
+        return checkpoint.restore_params(str(directory),
+                                         abstract_with_shardings(self.abstract_params, plan.shardings.params))
+
     # ------------------------------------------------------------------------------- loop
 
     def describe(self, plan: StagePlan):
@@ -201,6 +227,12 @@ class Trainer:
 
     def place(self, batch: dict) -> dict:
         return self.data.place(batch, self.mesh, self.rules)
+
+    def prepare(self, batch: dict) -> dict:
+        """A placed batch, plus the reference's answer log-probs in a preference stage."""
+        if self.reference_logps is None:
+            return batch
+        return {**batch, REFERENCE_LOGPS: self.reference_logps(self.reference, batch)}
 
     def iter_state(self, source) -> dict:
         return self.data.state(source)
@@ -268,7 +300,12 @@ class Trainer:
         batch_sh = batch_shardings(example, self.mesh, self.rules)
         step_fn = make_train_step(self.model, train, stage, plan.tx, plan.trainable, plan.shardings,
                                   batch_sh, self.mesh, self.rules)
-        eval_fn = make_eval_step(self.model, train, plan.shardings.params, batch_sh, self.mesh, self.rules)
+        eval_fn = make_eval_step(self.model, train, stage, plan.shardings.params, batch_sh, self.mesh, self.rules)
+        self.reference = self.reference_logps = None
+        if is_paired(get_objective(self.cfg.model, stage_train_config(train, stage))):
+            self.reference = self.load_reference(state, stage, plan)
+            self.reference_logps = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh,
+                                                       self.mesh, self.rules)
         tokens = rows * self.data.sample_shape(stage.index)[0]
         stage_end, pending, timing = min(stage.end, self.end), None, _Timing()
         profiler = StepProfiler(self.cfg.workdir, train.profile_steps, self.echo)
@@ -279,7 +316,7 @@ class Trainer:
                 if timing.first:
                     self.echo(f"compiling the train step of stage '{stage.name}' ...")
                 profiler.before(step + 1)
-                state, metrics = step_fn(state, self.place(host))
+                state, metrics = step_fn(state, self.prepare(self.place(host)))
                 step += 1
                 profiler.after(step, metrics)
                 if pending is not None:  # the previous step's metrics, while this one runs
@@ -295,7 +332,7 @@ class Trainer:
                 record = self._record(pending, timing, stage, stage_end, stopping, tokens, peak, n_devices, result)
                 pending = None
                 if eval_due:
-                    record["eval_loss"] = self.evaluate(eval_fn, state.params, stage)
+                    record.update(self.evaluate(eval_fn, state.params, stage))
                     record.update(self.task_metrics(state.params, stage))
                 if record is not None:
                     logger.write(record)
@@ -338,17 +375,20 @@ class Trainer:
             tflops_per_device=step_flops / step_time / n_devices / 1e12,
             **({"mfu": step_flops / step_time / (peak.flops * n_devices)} if peak.flops else {}),
             supervised_fraction=float(metrics["supervised_tokens"]) / tokens,
-            z_loss=float(metrics["z_loss"]), nonfinite_total=int(metrics["nonfinite_total"]), stage=stage.name)
+            z_loss=float(metrics["z_loss"]), nonfinite_total=int(metrics["nonfinite_total"]), stage=stage.name,
+            **{k: float(v) for k, v in metrics["objective"].items()})
 
-    def evaluate(self, eval_fn, params, stage: Stage) -> float:
-        """Loss per supervised unit (token, or row for contrastive objectives) over the first
-        `train.eval_batches` held-out batches (0 = the whole held-out set)."""
-        total = weight = 0.0
+    def evaluate(self, eval_fn, params, stage: Stage) -> dict[str, float]:
+        """{"eval_loss": loss per supervised unit (token; row or pair for other objectives), "eval_<metric>": the
+        objective's metrics per unit} over the first `train.eval_batches` held-out batches (0 = all of them)."""
+        totals, weight = {}, 0.0
         for batch in self.data.eval_batches(stage.index, self.cfg.train.eval_batches):
-            out = jax.device_get(eval_fn(params, self.place(batch)))
-            total += float(out["loss"]) * float(out["supervised_tokens"])
-            weight += float(out["supervised_tokens"])
-        return total / max(weight, 1.0)
+            out = jax.device_get(eval_fn(params, self.prepare(self.place(batch))))
+            units = float(out["supervised_tokens"])
+            for k, v in {"loss": out["loss"], **out["objective"]}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * units
+            weight += units
+        return {f"eval_{k}": v / max(weight, 1.0) for k, v in totals.items()}
 
     def task_metrics(self, params, stage: Stage) -> dict[str, float]:
         """Metrics logged beside eval_loss: the data's own (contrastive retrieval recall@k), and with

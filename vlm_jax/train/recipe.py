@@ -1,10 +1,10 @@
 """Recipe stages resolved against the `train:` defaults: each stage is a contiguous range of global steps."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from vlm_jax.config import LrGroup, ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig
+from vlm_jax.config import DpoConfig, LrGroup, ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig
 from vlm_jax.errors import ConfigError
 
 
@@ -21,6 +21,8 @@ class Stage:
     reset_optimizer: bool
     synthetic: SyntheticDataConfig
     data: Any
+    objective: str  # "" = the model family's
+    dpo: DpoConfig
 
     @property
     def end(self) -> int:
@@ -42,7 +44,8 @@ def resolve_stages(train: TrainConfig) -> list[Stage]:
             frozen=s.frozen if s.frozen is not None else train.frozen,
             schedule=s.schedule or train.schedule,
             lr_groups=s.lr_groups if s.lr_groups is not None else train.optimizer.lr_groups,
-            reset_optimizer=s.reset_optimizer, synthetic=s.synthetic or train.synthetic, data=s.data))
+            reset_optimizer=s.reset_optimizer, synthetic=s.synthetic or train.synthetic, data=s.data,
+            objective=s.objective if s.objective is not None else train.objective, dpo=s.dpo or train.dpo))
         start += s.steps
     return stages
 
@@ -56,3 +59,8 @@ def total_steps(train: TrainConfig, stages: list[Stage]) -> int:
 def stage_at(stages: list[Stage], step: int) -> Stage:
     """The stage that runs global step `step` (the last one once every stage is done)."""
     return next((s for s in stages if s.start <= step < s.end), stages[-1])
+
+
+def stage_train_config(train: TrainConfig, stage: Stage) -> TrainConfig:
+    """`train` with the stage's objective settings, as the objective reads them."""
+    return replace(train, objective=stage.objective, dpo=stage.dpo)

@@ -16,10 +16,10 @@ import optax
 from vlm_jax import sharding
 from vlm_jax.config import TrainConfig
 from vlm_jax.families import get_family
-from vlm_jax.objectives import LossSums
-from vlm_jax.registry import OBJECTIVES
+from vlm_jax.objectives import REFERENCE_LOGPS, LossSums, get_objective, is_paired
+from vlm_jax.objectives.preference import answer_logps
 from vlm_jax.train import optimizer as opt
-from vlm_jax.train.recipe import Stage
+from vlm_jax.train.recipe import Stage, stage_train_config
 from vlm_jax.train.state import TrainState
 
 
@@ -28,18 +28,24 @@ def batch_shardings(example_batch: dict, mesh, rules) -> dict:
 
 
 def loss_sums(model, params, batch: dict, train: TrainConfig) -> LossSums:
-    """The model family's objective on `batch`."""
+    """The objective on `batch`."""
     family = get_family(model.config)
-    return OBJECTIVES.get(family.objective)(model, params, family.model_kwargs(batch), batch, train)
+    return get_objective(model.config, train)(model, params, family.model_kwargs(batch), batch, train)
 
 
-def _microbatches(batch: dict, n: int) -> dict:
-    """(B, ...) -> (n, B/n, ...), taking every n-th row so each device keeps its own rows."""
-    return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
+def _microbatches(batch: dict, n: int, group: int) -> dict:
+    """(B, ...) -> (n, B/n, ...), taking every n-th group of `group` consecutive rows (a preference pair stays
+    whole), so each device keeps its own rows."""
+    def split(v):
+        grouped = v.reshape(v.shape[0] // (n * group), n, group, *v.shape[1:])
+        return jnp.swapaxes(grouped, 0, 1).reshape(n, v.shape[0] // n, *v.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
 
 
 def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientTransformation,
                     trainable: frozenset[str], state_sh: TrainState, batch_sh: dict, mesh, rules) -> Callable:
+    train = stage_train_config(train, stage)
+    group = 2 if is_paired(get_objective(model.config, train)) else 1
     peaks = opt.peak_learning_rates(sorted(trainable), stage.schedule.learning_rate, stage.lr_groups)
     factor_at = opt.schedule_factor(stage.schedule, stage.steps)
 
@@ -59,8 +65,10 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
             (_, s), g = grad_fn(trainable_params, frozen_params, micro)
             return (jax.tree.map(jnp.add, sums, s), jax.tree.map(jnp.add, grads, g)), None
 
-        zero = (LossSums(*(jnp.zeros((), jnp.float32),) * 3), jax.tree.map(jnp.zeros_like, trainable_params))
-        (sums, grads), _ = jax.lax.scan(accumulate, zero, _microbatches(batch, train.microbatches))
+        micro = _microbatches(batch, train.microbatches, group)
+        shapes = jax.eval_shape(objective, trainable_params, frozen_params, jax.tree.map(lambda v: v[0], micro))[1]
+        zero = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), jax.tree.map(jnp.zeros_like, trainable_params))
+        (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
         return grads, sums
 
     def step(state: TrainState, batch: dict):
@@ -84,7 +92,8 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
         metrics = dict(loss=loss, z_loss=sums.z / denom, grad_norm=grad_norm,
                        lr=factor * stage.schedule.learning_rate, supervised_tokens=sums.weight,
                        skipped=(~finite).astype(jnp.int32), nonfinite_streak=new_state.nonfinite_streak,
-                       nonfinite_total=new_state.nonfinite_total)
+                       nonfinite_total=new_state.nonfinite_total,
+                       objective={k: v / denom for k, v in sums.metrics.items()})
         return new_state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
@@ -100,14 +109,37 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
     return run
 
 
-def make_eval_step(model, train: TrainConfig, params_sh, batch_sh: dict, mesh, rules) -> Callable:
+def make_eval_step(model, train: TrainConfig, stage: Stage, params_sh, batch_sh: dict, mesh, rules) -> Callable:
+    """Loss and the objective's metrics per unit, with the count of units (`supervised_tokens`) to weigh them."""
+    train = stage_train_config(train, stage)
+
     def evaluate(params, batch):
         sums = loss_sums(model, params, batch, train)
-        return dict(loss=sums.nll / jnp.maximum(sums.weight, 1.0), supervised_tokens=sums.weight)
+        denom = jnp.maximum(sums.weight, 1.0)
+        return dict(loss=sums.nll / denom, supervised_tokens=sums.weight,
+                    objective={k: v / denom for k, v in sums.metrics.items()})
 
     jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh))
 
     def run(params, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(params, batch)
+    return run
+
+
+def make_reference_step(model, train: TrainConfig, stage: Stage, params_sh, batch_sh: dict, mesh, rules) -> Callable:
+    """(reference params, batch) -> the batch's `reference_logps` column: each row's answer log-prob under the
+    frozen reference, computed before the train step (which then only reads it)."""
+    train = stage_train_config(train, stage)
+    family = get_family(model.config)
+    inputs_sh = {k: v for k, v in batch_sh.items() if k != REFERENCE_LOGPS}
+
+    def logps(params, batch):
+        return answer_logps(model, params, family.model_kwargs(batch), batch, train)
+
+    jitted = jax.jit(logps, in_shardings=(params_sh, inputs_sh), out_shardings=batch_sh[REFERENCE_LOGPS])
+
+    def run(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, {k: v for k, v in batch.items() if k != REFERENCE_LOGPS})
     return run

@@ -1,4 +1,5 @@
-"""Datasets shipped with the package: real handwritten digits (scikit-learn) and procedural PIL renders.
+"""Datasets shipped with the package: real handwritten digits (scikit-learn) and procedural PIL renders, as SFT
+records (source kind `embedded`) or as preference pairs with an injected error (`embedded_preference`).
 
 Every task has a fixed, disjoint held-out split ("test"): digits by a seeded permutation of the 1797
 scans, procedural tasks by drawing the test split from a different random stream. Examples are a pure
@@ -31,6 +32,10 @@ class EmbeddedTask:
     split_sizes: tuple[tuple[str, int], ...]  # (split, default number of examples)
     held_out: str = "test"
     procedural: bool = True  # False: real data, so a split cannot grow beyond its default size
+    # How a preference pair's rejected answer is made from the correct one (Llama 3-V's synthetic errors):
+    # "swap" = another answer of the closed set (a wrong digit, colour, word, position); "off_by_one" = a count
+    # one too high or too low.
+    error: str = "swap"
 
     def size(self, split: str) -> int:
         return dict(self.split_sizes)[split]
@@ -91,6 +96,38 @@ class EmbeddedSource:
         return f"EmbeddedSource({self.task.name}/{self.split}, {self._length} examples)"
 
 
+EMBEDDED_KINDS = ("embedded", "embedded_preference")  # sources whose texts the embedded tokenizer covers
+
+
+def wrong_answer(task: EmbeddedTask, answer: str, rng: np.random.Generator) -> str:
+    """A plausible error injected into the correct `answer`, by the task's `error` rule."""
+    others = [a for a in task.answers if a != answer]
+    if task.error == "off_by_one":
+        near = [a for a in others if abs(int(a) - int(answer)) == 1]
+        return near[int(rng.integers(len(near)))]
+    return others[int(rng.integers(len(others)))]
+
+
+@SOURCES.register("embedded_preference")
+def embedded_preference_source(cfg: SourceConfig) -> "EmbeddedPreferenceSource":
+    return EmbeddedPreferenceSource(cfg.name, cfg.split, cfg.size)
+
+
+class EmbeddedPreferenceSource(EmbeddedSource):
+    """Preference pairs from an embedded task: {"images", "turns" (the question), "chosen" (the correct answer),
+    "rejected" (`wrong_answer` of it)}; the error is a pure function of (task, split, index)."""
+
+    def __getitem__(self, index: int) -> dict:
+        record = super().__getitem__(index)
+        (prompt, (_, answer)) = record["turns"]
+        rng = np.random.default_rng([zlib.crc32(self.task.name.encode()), zlib.crc32(self.split.encode()), index])
+        return {"images": record["images"], "turns": [prompt], "chosen": answer,
+                "rejected": wrong_answer(self.task, answer, rng)}
+
+    def __repr__(self):
+        return f"EmbeddedPreferenceSource({self.task.name}/{self.split}, {self._length} pairs)"
+
+
 # -------------------------------------------------------------------------------------------- digits
 
 
@@ -131,16 +168,19 @@ def _procedural_example(draw: Callable, salt: int, split: str, index: int) -> tu
     return draw(np.random.default_rng([salt, split_stream, index]))
 
 
-def _procedural(name: str, question: str, answers, draw: Callable, train: int = 5000, test: int = 500):
+def _procedural(name: str, question: str, answers, draw: Callable, train: int = 5000, test: int = 500,
+                error: str = "swap"):
     salt = zlib.crc32(name.encode())
-    _register(EmbeddedTask(name, question, tuple(answers), (("train", train), ("test", test))),
+    _register(EmbeddedTask(name, question, tuple(answers), (("train", train), ("test", test)), error=error),
               lambda split: functools.partial(_procedural_example, draw, salt, split))
 
 
-_procedural("shapes_count", "How many shapes are there?", map(str, range(1, 6)), render.shapes_count)
+_procedural("shapes_count", "How many shapes are there?", map(str, range(1, 6)), render.shapes_count,
+            error="off_by_one")
 _procedural("shapes_color", "What color is the shape?", render.COLORS, render.shapes_color)
 _procedural("shapes_kind", "What shape is this?", render.KINDS, render.shapes_kind)
 _procedural("shapes_position", "Where is the shape?", render.POSITIONS, render.shapes_position)
 _procedural("ocr_word", "What word is written?", render.WORDS, render.ocr_word)
 _procedural("chart_tallest", "Which bar is the tallest?", render.COLORS, render.chart_tallest)
-_procedural("chart_count", "How many bars are there?", map(str, range(2, 6)), render.chart_count)
+_procedural("chart_count", "How many bars are there?", map(str, range(2, 6)), render.chart_count,
+            error="off_by_one")

@@ -3,6 +3,8 @@
     {"image": "a.jpg", "text": "a cat on a mat"}
     {"images": ["a.jpg"], "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                                             {"from": "gpt", "value": "A cat."}]}
+    {"image": "a.jpg", "conversations": [{"from": "human", "value": "What is it?"}],
+     "chosen": "A cat.", "rejected": "A dog."}                           (a preference record: prompt turns only)
 
 Image paths are resolved against `image_root` (default: the JSONL file's folder) and read only when the
 example is prepared, so a missing file costs one record, not the run. The file, the images and image_root
@@ -38,6 +40,8 @@ def parse_record(line: bytes, image_root) -> dict:
     images = obj.get("images", [obj["image"]] if obj.get("image") else [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise BadRecord("bad_json", "'image' must be a path string, 'images' a list of them")
+    if "chosen" in obj or "rejected" in obj:
+        return {**_preference(obj), "images": _image_paths(images, image_root)}
     if "conversations" in obj:
         turns = _conversation_turns(obj["conversations"])
     elif isinstance(obj.get("text"), str):
@@ -46,11 +50,28 @@ def parse_record(line: bytes, image_root) -> dict:
         raise BadRecord("bad_json", "needs 'text' (a caption) or 'conversations'")
     if not any(role == "assistant" and text.strip() for role, text in turns):
         raise BadRecord("empty_text", "no non-empty caption or answer")
+    return {"images": _image_paths(images, image_root), "turns": turns}
+
+
+def _image_paths(images: list[str], image_root) -> list[str]:
     try:
-        paths = [str(resolve_from(image_root, p, "image")) for p in images]
+        return [str(resolve_from(image_root, p, "image")) for p in images]
     except ValueError as e:  # an image URI of a scheme we cannot read
         raise BadRecord("missing_image", str(e)) from None
-    return {"images": paths, "turns": turns}
+
+
+def _preference(obj: dict) -> dict:
+    """The prompt turns and both answers of a preference record."""
+    turns = _conversation_turns(obj.get("conversations", []))
+    if turns and turns[-1][0] == "assistant":
+        raise BadRecord("bad_json", "a preference record's 'conversations' end with the prompt (a user turn); "
+                        "the answers go in 'chosen' and 'rejected'")
+    answers = [obj.get(k) for k in ("chosen", "rejected")]
+    if not all(isinstance(a, str) for a in answers):
+        raise BadRecord("bad_json", "'chosen' and 'rejected' must both be strings")
+    if not all(a.strip() for a in answers):
+        raise BadRecord("empty_text", "an empty 'chosen' or 'rejected' answer")
+    return {"turns": turns, "chosen": answers[0], "rejected": answers[1]}
 
 
 def _conversation_turns(conversations) -> list[tuple[str, str]]:

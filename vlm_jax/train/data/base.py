@@ -21,6 +21,8 @@ from vlm_jax.errors import ConfigError
 
 
 class TrainData:
+    reads_pairs = False  # serves objectives that read preference pairs (vlm_jax/objectives/base.py)
+
     def example_batch(self, stage: int) -> dict[str, np.ndarray]:
         """A host batch of the stage's shapes (what the step is compiled for), read from no source."""
         raise NotImplementedError

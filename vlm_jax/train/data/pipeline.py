@@ -13,18 +13,25 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlm_jax.data import build_pipeline, collate, load_tokenizer, reshard_states, task_texts, train_sentencepiece
+from vlm_jax.data.sources.embedded import EMBEDDED_KINDS
 from vlm_jax.data.tokenizer import TOKENIZER_FILE, check_tokenizer_fits
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import generating_family
+from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
 from vlm_jax.paths import user_path
 from vlm_jax.registry import TRAIN_DATA
 from vlm_jax.train.data.base import StagedSourcesData
+from vlm_jax.train.recipe import stage_train_config
 
 
 @TRAIN_DATA.register("pipeline")
 class PipelineData(StagedSourcesData):
+    reads_pairs = True
+
     def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):
         super().__init__(cfg, stages, family, echo, hosts)
+        # Stages whose objective reads preference pairs (with the reference model's log-probs as a column).
+        self.pairs = {s.index: is_paired(get_objective(cfg.model, stage_train_config(cfg.train, s))) for s in stages}
         self.spec = family.input_spec(cfg.model)
         model = cfg.model
         self.pad_id = model.text.pad_token_id  # a plan's example batch: what padding holds does not change the step
@@ -45,8 +52,9 @@ class PipelineData(StagedSourcesData):
         micro = self.cfg.train.microbatches
         for index, data in self.configs.items():
             rows = self.global_batch(index)
-            if rows % micro:
-                raise ConfigError(f"train.microbatches ({micro}) must divide the global batch {rows} "
+            units, what = (rows // 2, "pairs") if self.pairs[index] else (rows, "rows")
+            if units % micro:
+                raise ConfigError(f"train.microbatches ({micro}) must divide the global batch of {units} {what} "
                                   f"(data.shapes.batch_size {data.shapes.batch_size} x {self.process_count} processes)")
 
     def _check_token_ids(self, model, where: str):
@@ -68,7 +76,7 @@ class PipelineData(StagedSourcesData):
             except ValueError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
         kinds = {s.kind for d in self.configs.values() for s in d.sources + d.eval_sources}
-        if kinds != {"embedded"}:
+        if not kinds <= set(EMBEDDED_KINDS):
             raise ConfigError("data.tokenizer is empty; set it to a sentencepiece .model or an HF tokenizer.json "
                               "(one is trained automatically only when every source is an embedded task)")
         path = user_path(self.cfg.workdir, "workdir") / TOKENIZER_FILE
@@ -83,12 +91,16 @@ class PipelineData(StagedSourcesData):
 
     def example_batch(self, stage: int) -> dict[str, np.ndarray]:
         shapes = self.configs[stage].shapes
-        return collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.pad_id)
+        batch = collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.pad_id)
+        if self.pairs[stage]:
+            batch[REFERENCE_LOGPS] = np.zeros(shapes.batch_size, np.float32)
+        return batch
 
     def iterator(self, stage: int, saved: dict):
         state = self.continued_state(stage, saved)
         return build_pipeline(self.configs[stage], self.tokenizer, self.spec, self.process_index,
-                              self.process_count, train=True, state=None if state is None else self.own_state(state))
+                              self.process_count, train=True, state=None if state is None else self.own_state(state),
+                              pairs=self.pairs[stage])
 
     def own_state(self, saved: dict) -> dict:
         if saved.get("kind") != "grain":
@@ -114,7 +126,7 @@ class PipelineData(StagedSourcesData):
 
     def eval_batches(self, stage: int, limit: int):
         iterator = build_pipeline(self.configs[stage], self.tokenizer, self.spec, self.process_index,
-                                  self.process_count, train=False)
+                                  self.process_count, train=False, pairs=self.pairs[stage])
         try:
             for i, batch in enumerate(iterator):
                 if limit and i >= limit:
