@@ -307,13 +307,13 @@ class Trainer:
             self.reference_logps = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh,
                                                        self.mesh, self.rules)
         tokens = rows * self.data.sample_shape(stage.index)[0]
-        stage_end, pending, timing = min(stage.end, self.end), None, _Timing()
+        stage_start, stage_end, pending, timing = step, min(stage.end, self.end), None, _Timing()
         profiler = StepProfiler(self.cfg.workdir, train.profile_steps, self.echo)
         try:
             while step < stage_end:
                 host = next(source)
                 step_flops = flops.train_flops(self.cfg.model, host, plan.trainable) * rows / len(host["input_ids"])
-                if timing.first:
+                if step == stage_start:  # said once: the next step is dispatched before this one's metrics come
                     self.echo(f"compiling the train step of stage '{stage.name}' ...")
                 profiler.before(step + 1)
                 state, metrics = step_fn(state, self.prepare(self.place(host)))
