@@ -268,10 +268,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, world, capsys, monkeypa
     else:
         if fault:
             _inject(monkeypatch, fault)
-        try:
-            rc = cli.main(argv)
-        except SystemExit as e:  # argparse's mistakes
-            rc = e.code
+        rc = cli.main(argv)
         err = capsys.readouterr().err
         monkeypatch.undo()
     assert rc == 2, err

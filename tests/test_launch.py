@@ -82,7 +82,7 @@ def test_plan_json_and_its_argument_errors(tmp_path, capsys):
     assert [s["stage"] for s in stages] == ["sft"] and stages[0]["fits"] and stages[0]["model_flops"] > 0
     capsys.readouterr()
     for argv, needle in ((["--stage", "finetune"], "--stage finetune: no such stage; the config's stages are "
-                          "pretrain, anneal, sft"), (["--mfu", "0"], "--mfu 0.0: the assumed MFU must be in (0, 1]")):
+                          "pretrain, anneal, sft"), (["--mfu", "0"], "argument --mfu: must be a number in (0, 1], got '0'")):
         assert cli.main(["plan", "--config", config, "--topology", "v5p-8", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err

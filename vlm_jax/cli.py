@@ -364,7 +364,10 @@ def _skip_absent_tpu():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed its one line (or --help): its exit code, also to Python callers
+        return e.code if isinstance(e.code, int) else 2
     if args.func is not cmd_plan:  # plan sets its own host platform before jax is imported
         _skip_absent_tpu()
     from vlm_jax.errors import UserError
