@@ -123,7 +123,6 @@ def test_a_second_ctrl_c_aborts_at_once():
             signal.raise_signal(signal.SIGINT)
 
 
-@pytest.mark.xfail(reason="KNOWN FAILURE at 9545469, one of these two failed in the last full run after the lagged-metrics and DPO loop merge; not yet diagnosed (see the closing note)", strict=False)
 def test_kill_during_async_save_leaves_restorable_checkpoint(env, tmp_path):
     workdir = str(tmp_path / "run")
     ckpt_dir = os.path.join(workdir, "checkpoints")
