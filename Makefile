@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m vlm_jax.demo
 
+# Two workers, each test file on one (its module fixtures are built once): compiling, most of the suite's
+# time, is single-threaded, so a second process fills the other core of a 2-core machine.
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -x --durations=15 tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
 
 # Figures for the README, each script printing its comparison side by side in one run.
 bench: $(STAMP)

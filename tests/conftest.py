@@ -1,6 +1,8 @@
 """Force 8 host devices before anything imports jax, so sharding tests see a real mesh."""
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,7 +11,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
+# One persistent compilation cache for the session, inherited by the `vlm-jax` subprocesses: tests compile the
+# same train steps many times over, and compiling is most of their time. XLA_FLAGS are part of the cache key, so
+# runs with other flags (one device, -O0 codegen) keep their own entries. A cache dir of the caller's is kept.
+_SESSION_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="vlm_jax_jit_")
+if _SESSION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

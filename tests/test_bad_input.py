@@ -124,7 +124,7 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
 ])
 def test_unknown_path_scheme_is_one_line_naming_the_key(argv, needle, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    err = _fails(capsys, argv, needle, "cannot read or write")
+    _fails(capsys, argv, needle, "cannot read or write")
     assert not os.path.exists(os.path.join(REPO, needle.split("'")[1].split(":")[0] + ":"))  # never a local folder
 
 

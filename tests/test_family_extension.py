@@ -1,11 +1,9 @@
 """Adding a model family is one module plus one registry entry: this file alone registers a text-only Llama
 (no images) and runs it through the real `vlm-jax train`, `plan` and `info`, with no edit to vlm_jax/."""
 import json
-import math
 import os
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

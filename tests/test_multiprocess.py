@@ -20,7 +20,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from vlm_jax.config import load_config
 from vlm_jax.families import input_spec
@@ -38,23 +37,15 @@ RUN = [f"train.stages=[{{name: train, steps: {STEPS}}}]", "train.schedule.warmup
 TIMEOUT = 400
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 # Cheaper CPU codegen (LLVM -O0): compiling is most of this test's time; the numerics stay IEEE (no fast math).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _env(cache, devices):
+def _env(devices):
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
     return {**os.environ, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"{flags} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}".strip(),
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            # The reference and the resumed 1-process run compile the same step once between them.
-            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
 def _spawn(env, workdir, *overrides, config=CONFIG, run=RUN):
@@ -89,10 +80,10 @@ def _finish(procs, timeout=TIMEOUT) -> list[str]:
     return outs
 
 
-def _pair(cache, workdir, *overrides, devices=4, **kwargs) -> list:
+def _pair(workdir, *overrides, devices=4, **kwargs) -> list:
     """`vlm-jax train` as 2 processes x `devices` CPU devices on localhost."""
     address = f"localhost:{_free_port()}"
-    return [_spawn(_env(cache, devices), workdir, "distributed.mode=explicit", f"distributed.coordinator_address={address}",
+    return [_spawn(_env(devices), workdir, "distributed.mode=explicit", f"distributed.coordinator_address={address}",
                    "distributed.num_processes=2", f"distributed.process_id={p}",
                    "distributed.initialization_timeout_s=120", *overrides, **kwargs) for p in range(2)]
 
@@ -164,15 +155,15 @@ def test_global_batch_is_the_same_examples_for_one_and_two_processes(tmp_path):
             it.close()
 
 
-def test_two_processes_match_one_and_their_checkpoint_restores_in_one(cache, tmp_path):
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     # Reference: 1 process x 8 devices, global batch 8, uninterrupted to STEPS (saves CUT and STEPS); and
     # 2 processes x 4 devices on localhost, 4 rows each = the same global batch of 8, stopping at CUT. All three
     # at once: compiling dominates and the reference alone leaves a core idle.
     reference, workdir = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
     out, *outs = _finish([
-        _spawn(_env(cache, 8), reference, "data.shapes.batch_size=8", f"train.steps={STEPS}",
+        _spawn(_env(8), reference, "data.shapes.batch_size=8", f"train.steps={STEPS}",
                f"train.checkpoint.every_steps={CUT}"),
-        *_pair(cache, workdir, "data.shapes.batch_size=4", f"train.steps={CUT}")])
+        *_pair(workdir, "data.shapes.batch_size=4", f"train.steps={CUT}")])
     assert "1 process(es) x 8 cpu device(s) = 8" in out
     want = _losses(reference)
     assert sorted(want) == list(range(1, STEPS + 1))
@@ -200,7 +191,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(cache, tmp
 
     # Resume the 2-process checkpoint in 1 process x 8 devices and run on to STEPS: the data iterator is
     # re-sharded, and the continuation matches the uninterrupted 1-process run.
-    out, = _finish([_spawn(_env(cache, 8), workdir, "data.shapes.batch_size=8", f"train.steps={STEPS}")])
+    out, = _finish([_spawn(_env(8), workdir, "data.shapes.batch_size=8", f"train.steps={STEPS}")])
     assert f"resumed from {os.path.join(workdir, 'checkpoints')} step {CUT}" in out, out[-4000:]
     assert "re-sharding the data iterator from 2 to 1 processes" in out
     assert f"finished at step {STEPS}" in out
@@ -224,11 +215,11 @@ SIGNAL_RUN = [*SMALL_RUN, "train.synthetic.enabled=true", f"train.steps={SIGNAL_
               "train.checkpoint.every_steps=1000", "train.checkpoint.async_save=false", "mesh.data=1", "mesh.fsdp=-1"]
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(cache, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(tmp_path):
     reference, workdir = str(tmp_path / "reference"), str(tmp_path / "signalled")
-    _finish(_pair(cache, reference, devices=1, config=TINY, run=SIGNAL_RUN))  # compiles once for the runs after it
+    _finish(_pair(reference, devices=1, config=TINY, run=SIGNAL_RUN))  # compiles once for the runs after it
     # input latency so the signal lands mid-run
-    signalled = _pair(cache, workdir, "train.synthetic.delay_s=0.3", devices=1, config=TINY, run=SIGNAL_RUN)
+    signalled = _pair(workdir, "train.synthetic.delay_s=0.3", devices=1, config=TINY, run=SIGNAL_RUN)
     metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + TIMEOUT
     while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
         assert time.time() < deadline and all(p.poll() is None for p in signalled), "the signalled run ended early"
@@ -242,7 +233,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(
         assert f"stopped by SIGTERM (received by process 1) at step {stopped}; checkpoint saved" in out, out[-4000:]
     assert sorted(_losses(workdir)) == list(range(1, stopped + 1))
 
-    outs = _finish(_pair(cache, workdir, devices=1, config=TINY, run=SIGNAL_RUN))
+    outs = _finish(_pair(workdir, devices=1, config=TINY, run=SIGNAL_RUN))
     for out in outs:
         assert f"resumed from {os.path.join(workdir, 'checkpoints')} step {stopped}" in out, out[-4000:]
         assert f"finished at step {SIGNAL_STEPS}" in out

@@ -17,7 +17,7 @@ from vlm_jax.families import get_family
 from vlm_jax.train.data.contrastive import ContrastiveData, WordTokenizer, caption, retrieval_over_unique
 from vlm_jax.train.loop import Trainer
 from vlm_jax.train.recipe import resolve_stages
-from train_helpers import ROOT, compilation_cache, final_params  # noqa: F401 (fixture)
+from train_helpers import ROOT, final_params
 
 CLIP = os.path.join(ROOT, "configs", "examples", "clip_digits.yaml")
 SMALL = ["data.shapes.batch_size=16", "train.eval_every=0", "train.log.every_steps=1",

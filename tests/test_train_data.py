@@ -13,7 +13,7 @@ from vlm_jax.train.data import open_train_data
 from vlm_jax.train.recipe import resolve_stages
 from vlm_jax.train.loop import Trainer
 from train_helpers import (TINY, check_learning_run, check_resume_matches_reference,
-                           compilation_cache, data_iter, reference_run, tiny_config)  # noqa: F401 (fixture)
+                           data_iter, reference_run, tiny_config)
 
 STEPS = 8
 DATA = ["model.image_token_index=1",  # the <|image|> id of the tokenizer trained on the embedded tasks

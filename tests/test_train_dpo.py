@@ -11,7 +11,7 @@ import pytest
 from vlm_jax.config import load_config
 from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import Trainer
-from train_helpers import ROOT, compilation_cache  # noqa: F401 (fixture)
+from train_helpers import ROOT
 
 pytestmark = pytest.mark.slow
 EXAMPLE = os.path.join(ROOT, "configs", "examples", "dpo_mllama.yaml")

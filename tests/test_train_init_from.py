@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_models import torch_inputs
-from train_helpers import SMALL_RUN, TINY, compilation_cache, tiny_config  # noqa: F401 (fixture)
+from train_helpers import SMALL_RUN, TINY, tiny_config
 from vlm_jax import cli, sharding
 from vlm_jax.config import MeshConfig
 from vlm_jax.convert import from_hf

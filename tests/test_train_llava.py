@@ -20,8 +20,7 @@ from vlm_jax.families import build_model, init_params
 from vlm_jax.train import flops
 from vlm_jax.train.data.pipeline import PipelineData
 from vlm_jax.train.recipe import resolve_stages
-from train_helpers import (ROOT, check_learning_run, check_resume_matches_reference, compilation_cache,
-                           data_iter, final_params, reference_run)  # noqa: F401 (fixture)
+from train_helpers import (ROOT, check_learning_run, check_resume_matches_reference, data_iter, final_params, reference_run)
 
 EXAMPLE = os.path.join(ROOT, "configs", "examples", "digits_llava.yaml")
 MODELS = os.path.join(ROOT, "configs", "models")

@@ -19,14 +19,6 @@ RUN = ["train.synthetic.enabled=true", "train.steps=30", "train.log.every_steps=
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    # A shared persistent compilation cache: the subprocesses compile the same step once between them.
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run's workdir."""
     workdir = str(tmp_path_factory.mktemp("reference"))
@@ -41,10 +33,10 @@ def _assert_same_params(workdir, reference):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def _spawn(env, workdir, *overrides):
+def _spawn(workdir, *overrides):
     cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", TINY, f"workdir={workdir}", *SMALL_RUN,
            "train.synthetic.enabled=true", *RUN, *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _committed(workdir):
@@ -68,17 +60,17 @@ def _logged_steps(workdir):
         return [json.loads(line)["step"] for line in f]
 
 
-def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, reference, tmp_path):
+def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(reference, tmp_path):
     workdir = str(tmp_path / "interrupted")
     slow = "train.synthetic.delay_s=0.3"  # input latency so the signals land mid-run
-    proc = _spawn(env, workdir, slow)
+    proc = _spawn(workdir, slow)
     _wait_for(lambda: any(s >= 10 for s in _committed(workdir)), proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = max(_committed(workdir))
     assert 10 <= killed_at < 30
 
-    proc = _spawn(env, workdir, slow)
+    proc = _spawn(workdir, slow)
     _wait_for(lambda: max(_committed(workdir)) > killed_at, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
@@ -88,7 +80,7 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, reference, tmp_p
     stopped_at = max(_committed(workdir))
     assert stopped_at < 30
 
-    proc = _spawn(env, workdir)
+    proc = _spawn(workdir)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-2000:]
     assert f"step {stopped_at}" in out and "finished at step 30" in out
@@ -97,9 +89,9 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(env, reference, tmp_p
     _assert_same_params(workdir, reference)
 
 
-def test_ctrl_c_saves_at_the_next_step_and_resume_is_bitwise_exact(env, reference, tmp_path):
+def test_ctrl_c_saves_at_the_next_step_and_resume_is_bitwise_exact(reference, tmp_path):
     workdir = str(tmp_path / "interrupted")
-    proc = _spawn(env, workdir, "train.synthetic.delay_s=0.3")
+    proc = _spawn(workdir, "train.synthetic.delay_s=0.3")
     _wait_for(lambda: _committed(workdir), proc)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
@@ -108,7 +100,7 @@ def test_ctrl_c_saves_at_the_next_step_and_resume_is_bitwise_exact(env, referenc
     stopped_at = max(_committed(workdir))
     assert 5 <= stopped_at < 30 and f"stopped by SIGINT at step {stopped_at}; checkpoint saved" in out, out[-2000:]
 
-    out = _spawn(env, workdir).communicate(timeout=300)[0]
+    out = _spawn(workdir).communicate(timeout=300)[0]
     assert f"step {stopped_at}" in out and "finished at step 30" in out, out[-2000:]
     assert _logged_steps(workdir) == list(range(1, 31))
     _assert_same_params(workdir, reference)
@@ -123,10 +115,10 @@ def test_a_second_ctrl_c_aborts_at_once():
             signal.raise_signal(signal.SIGINT)
 
 
-def test_kill_during_async_save_leaves_restorable_checkpoint(env, tmp_path):
+def test_kill_during_async_save_leaves_restorable_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    proc = _spawn(env, workdir, "train.checkpoint.every_steps=1", "train.synthetic.delay_s=0.05")
+    proc = _spawn(workdir, "train.checkpoint.every_steps=1", "train.synthetic.delay_s=0.05")
     _wait_for(lambda: _committed(workdir) and checkpoint.incomplete_steps(ckpt_dir), proc, poll=0.002)
     proc.send_signal(signal.SIGKILL)  # a save is in flight: its step has only a tmp directory
     proc.wait()

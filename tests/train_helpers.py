@@ -1,6 +1,5 @@
 """Shared pieces of the training tests: the tiny config with small batches, reading back params and data-iterator
-state, a trainer that records what it read, and a persistent compilation cache for modules that compile one
-step several times."""
+state, and a trainer that records what it read."""
 import hashlib
 import json
 import math
@@ -8,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from vlm_jax.config import load_config
 from vlm_jax.train import checkpoint
@@ -72,28 +70,6 @@ class RecordingTrainer(Trainer):
 
     def open_source(self, stage, data_iter):
         return Recorder(super().open_source(stage, data_iter), self.batches)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Import into a test module whose runs compile the same step: a persistent cache compiles it once
-    (private API, best effort)."""
-    try:
-        from jax._src import compilation_cache as cc
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                                  "jax_persistent_cache_min_compile_time_secs",
-                                                  "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
 
 
 def check_learning_run(result, workdir: str, steps: int, eval_steps: list[int]) -> list[dict]:

@@ -70,7 +70,7 @@ class StagedSourcesData(TrainData):
         self.process_index, self.process_count = (jax.process_index(), jax.process_count()) if self.reads else (0, hosts)
         if not cfg.data.sources:
             raise ConfigError(f"data.sources is empty; list the training sources (e.g. data.sources='[{{kind: "
-                              f"embedded, name: digits_qa}}]') or set train.synthetic.enabled=true for generated batches")
+                              "embedded, name: digits_qa}]') or set train.synthetic.enabled=true for generated batches")
         self.configs = {s.index: stage_data_config(cfg.data, s.data, f"train.stages[{s.index}].data") for s in stages}
         for index, data in self.configs.items():
             if cfg.train.eval_every and not data.eval_sources:
