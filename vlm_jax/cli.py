@@ -171,11 +171,10 @@ def cmd_soup(args):
     import json
 
     from vlm_jax.infer.answer import load_answerer
-    from vlm_jax.infer.soup import answer_scorer, check_ingredients, make_soup, soup_row, soup_table, write_soup
+    from vlm_jax.infer.soup import (answer_scorer, check_ingredients, check_method, make_soup, soup_row, soup_table,
+                                    write_soup)
     from vlm_jax.paths import emptied_on_error, write_atomic
-    if args.method != "average" and not args.eval_config:
-        raise_user(f"--method {args.method} ranks the checkpoints by their held-out score; pass --eval-config "
-                   "(a config whose data.eval_sources are evaluated)")
+    check_method(args.method, bool(args.eval_config))
     cfg = _eval_config(args.eval_config, args.overrides) if args.eval_config else None
     out, json_out = _empty_out(args.out), _json_out(args.json)
     check_ingredients(args.checkpoints)

@@ -40,8 +40,11 @@ class Score:
     perplexity: float  # mean answer perplexity over them; the lower one wins a tie
     results: tuple[SourceResult, ...] = ()
 
+    def key(self) -> tuple[float, float]:
+        return self.accuracy, -self.perplexity
+
     def beats(self, other: Score) -> bool:
-        return (self.accuracy, -self.perplexity) > (other.accuracy, -other.perplexity)
+        return self.key() > other.key()
 
     def row(self) -> dict:
         return {"accuracy": self.accuracy, "perplexity": self.perplexity, "sources": [r.row() for r in self.results]}
@@ -56,6 +59,15 @@ def answer_scorer(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: 
         return Score(float(np.mean([r.accuracy for r in results])), float(np.mean([r.perplexity for r in results])),
                      tuple(results))
     return score
+
+
+def check_method(method: str, scored: bool):
+    """Stops with one line unless `method` is known and, when it ranks the checkpoints, they are `scored`."""
+    if method not in METHODS:
+        raise SoupError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
+    if method != "average" and not scored:
+        raise SoupError(f"--method {method} ranks the checkpoints by their held-out score; pass --eval-config (a "
+                        "config whose data.eval_sources are evaluated)")
 
 
 def check_ingredients(paths: Sequence[str]):
@@ -112,14 +124,10 @@ def make_soup(paths: Sequence[str], method: str, score: Callable[..., Score] | N
     """The `method` soup of the checkpoints at `paths` (checked by `check_ingredients`); `score(params)` is needed
     by greedy and max, and scores average's ingredients and result when given. `restore(path)` reads one
     ingredient's params."""
-    if method not in METHODS:
-        raise SoupError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
-    if score is None and method != "average":
-        raise SoupError(f"--method {method} ranks the checkpoints by their held-out score; pass --eval-config")
+    check_method(method, score is not None)
     # Each ingredient's score, one restored at a time; greedy and max read the ones they keep again.
     scores = [score(restore(path)) for path in paths] if score else [None] * len(paths)
-    order = sorted(range(len(paths)), key=lambda i: (scores[i].accuracy, -scores[i].perplexity),
-                   reverse=True) if score else list(range(len(paths)))
+    order = sorted(range(len(paths)), key=lambda i: scores[i].key(), reverse=True) if score else list(range(len(paths)))
     if method == "max":
         best = order[0]
         return Soup(restore(paths[best]), best, [i == best for i in range(len(paths))], scores, scores[best])
