@@ -5,7 +5,7 @@
     python benchmarks/soups.py [--base workdirs/demo/checkpoints/800] [--out /tmp/soups] [--steps 60] [--limit 40]
 
 Prints each command's table (held-out exact-match accuracy averaged over the 6 tasks, first --limit records of
-each; answer perplexity). ~15 min on a loaded 2-core CPU.
+each; answer perplexity). Measured ~18 min on a loaded 2-core CPU (13 of them training).
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def test_max_and_greedy_choose_by_the_score(ingredients):
     assert Score(0.5, 2.0).beats(Score(0.5, 3.0)) and not Score(0.5, 3.0).beats(Score(0.5, 2.0))
 
 
-@pytest.mark.slow  # ~20 s alone, 55 s on the loaded 2-core machine: three held-out evaluations, compiled once
+@pytest.mark.slow  # 55 s measured on a loaded 2-core machine: three held-out evaluations
 def test_greedy_soup_command_scores_on_held_out_data(trained_like, ingredients, tmp_path, capsys):
     cfg, _, _, _, _ = trained_like
     paths = list(ingredients[1])[:2]
