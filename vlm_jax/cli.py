@@ -141,17 +141,23 @@ def cmd_train(args):
         print(f"finished at step {int(result.state.step)}; checkpoints in {user_path(cfg.workdir, 'workdir') / 'checkpoints'}")
 
 
+def _eval_config(path: str, overrides: list[str]):
+    """A config whose data.eval_sources are the held-out sources to evaluate."""
+    from vlm_jax.config import load_config
+    cfg = load_config(path, overrides)
+    if not cfg.data.eval_sources:
+        raise_user(f"{path}: data.eval_sources is empty; list the held-out sources to evaluate "
+                   "(e.g. data.eval_sources='[{kind: embedded, name: digits_qa, split: test}]')")
+    return cfg
+
+
 def cmd_eval(args):
     import json
 
-    from vlm_jax.config import load_config
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.evaluate import evaluate_sources, results_table
     from vlm_jax.paths import write_atomic
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.data.eval_sources:
-        raise_user(f"{args.config}: data.eval_sources is empty; list the held-out sources to evaluate "
-                   "(e.g. data.eval_sources='[{kind: embedded, name: digits_qa, split: test}]')")
+    cfg = _eval_config(args.config, args.overrides)
     out = _json_out(args.json)
     answerer = load_answerer(args.checkpoint, args.tokenizer or cfg.data.tokenizer, cfg.data,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -159,6 +165,31 @@ def cmd_eval(args):
     print(results_table(results))
     if out:
         write_atomic(out, json.dumps([r.row() for r in results], indent=2))
+
+
+def cmd_soup(args):
+    import json
+
+    from vlm_jax.infer.answer import load_answerer
+    from vlm_jax.infer.soup import (answer_scorer, check_ingredients, check_method, make_soup, soup_row, soup_table,
+                                    write_soup)
+    from vlm_jax.paths import emptied_on_error, write_atomic
+    check_method(args.method, bool(args.eval_config))
+    cfg = _eval_config(args.eval_config, args.overrides) if args.eval_config else None
+    out, json_out = _empty_out(args.out), _json_out(args.json)
+    check_ingredients(args.checkpoints)
+    score = None
+    if cfg:
+        answerer = load_answerer(args.checkpoints[0], args.tokenizer or cfg.data.tokenizer, cfg.data, restore=False,
+                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        score = answer_scorer(answerer, cfg.data.eval_sources, args.limit)
+    soup = make_soup(args.checkpoints, args.method, score)
+    with emptied_on_error(out):
+        write_soup(out, soup.params, args.checkpoints[soup.source])
+    print(soup_table(args.checkpoints, args.method, soup))
+    if json_out:
+        write_atomic(json_out, json.dumps(soup_row(args.checkpoints, args.method, soup), indent=2))
+    print(f"{args.method} soup of {sum(soup.kept)} of {len(soup.kept)} checkpoints -> {out}")
 
 
 def _check_image(path: str):
@@ -309,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--json", default="", help="also write the results to this JSON file")
     evl.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     evl.set_defaults(func=cmd_eval)
+
+    sop = sub.add_parser("soup", help="one checkpoint from several fine-tuned from the same model: their mean "
+                                      "(average), the greedy soup, or the best one (max) by held-out accuracy")
+    sop.add_argument("--checkpoints", required=True, nargs="+", help="checkpoint directories (or steps inside "
+                                                                     "them) of one architecture")
+    sop.add_argument("--method", required=True, choices=("average", "greedy", "max"))
+    sop.add_argument("--eval-config", default="", help="a YAML config whose data.eval_sources score the "
+                                                        "checkpoints and soups (needed by greedy and max)")
+    sop.add_argument("--out", required=True)
+    sop.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
+    sop.add_argument("--batch-size", type=_POSITIVE, default=32)
+    sop.add_argument("--max-new-tokens", type=_POSITIVE, default=8)
+    sop.add_argument("--tokenizer", default="", help="default: the eval config's data.tokenizer, else the first "
+                                                     "checkpoint's")
+    sop.add_argument("--json", default="", help="also write the scores to this JSON file")
+    sop.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --eval-config")
+    sop.set_defaults(func=cmd_soup)
 
     gen = sub.add_parser("generate", help="answer prompts about images (KV-cached, jitted)")
     gen.add_argument("--checkpoint", required=True)

@@ -4,6 +4,7 @@ demo and the trainer's periodic accuracy evaluation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -83,6 +84,12 @@ class Answerer:
             references += refs
         return np.concatenate(tokens), references
 
+    def with_params(self, params) -> Answerer:
+        """The same answerer over other parameters of its model (placed alike: its compiled code is reused)."""
+        other = copy.copy(self)
+        other.params = params
+        return other
+
     def answer(self, records: list[dict], rng=None) -> list[str]:
         return self.decode(self.generate_tokens(records, rng)[0])
 
@@ -114,15 +121,22 @@ def _workdir_of(checkpoint_path: str):
     return path.parent if path.name == "checkpoints" else path
 
 
-def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:
+def restore_sharded(checkpoint_path: str):
+    """A checkpoint's params sharded over every device (the default mesh and rules), so a model larger than one
+    device's memory loads."""
+    mesh_config = MeshConfig()
+    return checkpoint.restore_params(checkpoint_path, mesh=sharding.make_mesh(mesh_config),
+                                     rules=sharding.load_rules(mesh_config.rules))
+
+
+def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, restore: bool = True,
+                  **kwargs) -> Answerer:
     """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
-    image op, shapes) are the run's own unless `data` is given."""
+    image op, shapes) are the run's own unless `data` is given. With `restore` False no params are read: give
+    them (e.g. a model soup's candidates) with `with_params`."""
     config, _, _ = checkpoint.read_meta(checkpoint_path)
     model = generating_family(config.model, f"generating from {checkpoint_path}").build(config.model)
     tokenizer = find_tokenizer(config, checkpoint_path, tokenizer)  # before the (slow) restore: mistakes first
     check_tokenizer_fits(tokenizer, config.model, f"{tokenizer} (for {checkpoint_path})")
-    # Sharded over every device (the default mesh and rules), so a model larger than one device's memory loads.
-    mesh_config = MeshConfig()
-    params = checkpoint.restore_params(checkpoint_path, mesh=sharding.make_mesh(mesh_config),
-                                       rules=sharding.load_rules(mesh_config.rules))
-    return Answerer(model, params, tokenizer, data or config.data, **kwargs)
+    return Answerer(model, restore_sharded(checkpoint_path) if restore else None, tokenizer,
+                    data or config.data, **kwargs)

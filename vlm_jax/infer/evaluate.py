@@ -91,15 +91,25 @@ def evaluate_records(answerer: Answerer, label: str, records: list[dict], skippe
                         answer_perplexity(answerer, records) if perplexity else float("nan"), skipped, tokens)
 
 
-def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
-                     perplexity: bool = True) -> list[SourceResult]:
+def read_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0) -> list[tuple[list, int]]:
+    """`read_records` of every source, with the answerer's data settings saying which records are usable."""
     def counter():
         return BadRecordCounter(answerer.data.max_bad_fraction, answerer.data.bad_fraction_min_records)
 
-    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
-    read = [read_records(s, limit, f"data.eval_sources[{i}]", answerer.preparer.prompt, counter())
+    return [read_records(s, limit, f"data.eval_sources[{i}]", answerer.preparer.prompt, counter())
             for i, s in enumerate(sources)]
+
+
+def evaluate_read(answerer: Answerer, sources: tuple[SourceConfig, ...], read: list[tuple[list, int]],
+                  perplexity: bool = True) -> list[SourceResult]:
+    """The results of `read_sources`' records, which may be answered by several answerers in turn."""
     return [evaluate_records(answerer, source_label(s), *r, perplexity=perplexity) for s, r in zip(sources, read)]
+
+
+def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
+                     perplexity: bool = True) -> list[SourceResult]:
+    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
+    return evaluate_read(answerer, sources, read_sources(answerer, sources, limit), perplexity)
 
 
 def results_table(results: list[SourceResult]) -> str:
