@@ -161,6 +161,35 @@ def cmd_eval(args):
         write_atomic(out, json.dumps([r.row() for r in results], indent=2))
 
 
+def cmd_score(args):
+    import json
+
+    from vlm_jax.config import SourceConfig, load_config
+    from vlm_jax.infer.score import load_scorer, results_table
+    from vlm_jax.paths import user_path, write_atomic
+    data = sources = None
+    if args.config:
+        data = load_config(args.config, args.overrides).data
+        sources = data.eval_sources
+        if not sources:
+            raise_user(f"{args.config}: data.eval_sources is empty; list the preference or SFT records to score "
+                       "(or pass --jsonl FILE)")
+    elif args.overrides:
+        raise_user(f"overrides {' '.join(args.overrides)} need --config; with --jsonl the run's own data settings apply")
+    else:
+        path = user_path(args.jsonl, "--jsonl")
+        if not path.is_file():
+            raise_user(f"--jsonl {args.jsonl}: no such file; give a JSONL file of preference or SFT records")
+        sources = (SourceConfig(kind="jsonl", name=path.stem, path=args.jsonl, split="score"),)
+    out = _json_out(args.json)
+    scorer = load_scorer(args.checkpoint, args.tokenizer or (data.tokenizer if data else ""), data,
+                         batch_size=args.batch_size)
+    results = scorer.score_sources(sources, args.limit)
+    print(results_table(results))
+    if out:
+        write_atomic(out, json.dumps([{**r.row(), "scores": r.records} for r in results], indent=2))
+
+
 def _check_image(path: str):
     """One line naming `path` and what is wrong, unless it decodes as an image (the data pipeline's decoder)."""
     from vlm_jax.data.bad_records import BadRecord
@@ -309,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--json", default="", help="also write the results to this JSON file")
     evl.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     evl.set_defaults(func=cmd_eval)
+
+    sco = sub.add_parser("score", help="a reward model's scores of answers, and its pairwise accuracy on "
+                                       "preference records")
+    sco.add_argument("--checkpoint", required=True, help="a reward model's checkpoint (model.reward_head)")
+    what = sco.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="a YAML config whose data.eval_sources (preference or SFT records) are scored")
+    what.add_argument("--jsonl", help="a JSONL file of preference or SFT records (the run's data settings apply)")
+    sco.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
+    sco.add_argument("--batch-size", type=_POSITIVE, default=32, help="rows per batch (a preference record takes two)")
+    sco.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
+                                                     "training kept in the run's workdir")
+    sco.add_argument("--json", default="", help="also write the results and every record's scores to this JSON file")
+    sco.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --config")
+    sco.set_defaults(func=cmd_score)
 
     gen = sub.add_parser("generate", help="answer prompts about images (KV-cached, jitted)")
     gen.add_argument("--checkpoint", required=True)

@@ -114,15 +114,23 @@ def _workdir_of(checkpoint_path: str):
     return path.parent if path.name == "checkpoints" else path
 
 
-def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:
-    """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
-    image op, shapes) are the run's own unless `data` is given."""
+def restore_model(checkpoint_path: str, tokenizer: str, family_for) -> tuple:
+    """(config, model, params, tokenizer) of a checkpoint written by `vlm-jax train` or `vlm-jax import`;
+    `family_for(model config)` returns the family, or raises when the checkpoint does not serve the caller."""
     config, _, _ = checkpoint.read_meta(checkpoint_path)
-    model = generating_family(config.model, f"generating from {checkpoint_path}").build(config.model)
+    model = family_for(config.model).build(config.model)
     tokenizer = find_tokenizer(config, checkpoint_path, tokenizer)  # before the (slow) restore: mistakes first
     check_tokenizer_fits(tokenizer, config.model, f"{tokenizer} (for {checkpoint_path})")
     # Sharded over every device (the default mesh and rules), so a model larger than one device's memory loads.
     mesh_config = MeshConfig()
     params = checkpoint.restore_params(checkpoint_path, mesh=sharding.make_mesh(mesh_config),
                                        rules=sharding.load_rules(mesh_config.rules))
+    return config, model, params, tokenizer
+
+
+def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, **kwargs) -> Answerer:
+    """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
+    image op, shapes) are the run's own unless `data` is given."""
+    config, model, params, tokenizer = restore_model(
+        checkpoint_path, tokenizer, lambda m: generating_family(m, f"generating from {checkpoint_path}"))
     return Answerer(model, params, tokenizer, data or config.data, **kwargs)
