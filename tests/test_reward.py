@@ -2,6 +2,7 @@
 a numpy formula; an answer's score is read at its last supervised token, for the cross-attention and the unified
 family; a tiny reward model trains through `train()` and logs its held-out pairwise accuracy; it starts from an
 SFT checkpoint without the head (and from nothing else missing); `vlm-jax score` scores a JSONL file end to end."""
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,8 @@ from PIL import Image
 from train_helpers import ROOT, tiny_config
 from vlm_jax import cli
 from vlm_jax.config import SyntheticDataConfig, load_config
+from vlm_jax.convert import export_config, parameter_counts
+from vlm_jax.errors import ConversionError
 from vlm_jax.families import build_model, get_family, init_params
 from vlm_jax.objectives.reward import reward_scores, reward_terms
 from vlm_jax.train import checkpoint
@@ -66,32 +69,32 @@ def test_score_is_read_at_the_last_supervised_token(config, seq_len):
     batch["loss_mask"][:] = 0
     batch["loss_mask"][:, last - 2:last + 1] = 1  # the answer ends at `last`; right padding follows
     free = np.flatnonzero(batch["input_ids"][0] != cfg.model.image_token_index)  # text positions
-    score = jax.jit(lambda p, b: reward_scores(model, p, family.model_kwargs(b), b["loss_mask"]))
-    base = np.asarray(score(params, batch))
-    hidden = model.apply({"params": params}, **family.model_kwargs(batch), return_hidden=True)
+    @jax.jit
+    def score_and_hidden(b):
+        inputs = family.model_kwargs(b)
+        return (reward_scores(model, params, inputs, b["loss_mask"]),
+                model.apply({"params": params}, **inputs, return_hidden=True))
+
+    base, hidden = score_and_hidden(batch)
+    base = np.asarray(base)
     np.testing.assert_allclose(base, np.asarray(hidden[:, last] @ head["kernel"])[:, 0] + head["bias"][0], rtol=1e-5)
 
     def changed(position):
         b = {k: v.copy() for k, v in batch.items()}
         b["input_ids"][0, position] = (b["input_ids"][0, position] + 1) % 3 + 3  # another word, not an image token
-        return np.asarray(score(params, b))
+        return np.asarray(score_and_hidden(b)[0])
 
     after = changed(free[free > last][0])
     assert after[0] == base[0] and after[1] == base[1]  # a token after the answer (padding) changes nothing
     assert changed(last - 1)[0] != base[0]  # a token of the answer does
 
 
-def _sft_source(tmp_path, name, drop=None):
+def test_init_from_an_sft_checkpoint_adds_only_the_head(tmp_path, capsys):
     cfg = tiny_config(str(tmp_path / "unused"), "train.steps=1")
-    params = jax.jit(lambda rng: nn.meta.unbox(init_params(build_model(cfg.model), rng)))(jax.random.PRNGKey(3))
-    if drop:
-        params = {k: v for k, v in params.items() if k != drop}
-    checkpoint.save_params(str(tmp_path / name), params, cfg)
-    return str(tmp_path / name), params
-
-
-def test_init_from_an_sft_checkpoint_adds_only_the_head(tmp_path):
-    source, sft = _sft_source(tmp_path, "sft")
+    sft = jax.jit(lambda rng: nn.meta.unbox(init_params(build_model(cfg.model), rng)))(jax.random.PRNGKey(3))
+    source, partial = str(tmp_path / "sft"), str(tmp_path / "partial")
+    checkpoint.save_params(source, sft, cfg)
+    checkpoint.save_params(partial, {k: v for k, v in sft.items() if k != "projector"}, cfg)
     lines = []
     trainer = Trainer(tiny_config(str(tmp_path / "run"), "train.steps=1", "model.reward_head=true",
                                   f"train.init_from={source}"), echo=lines.append)
@@ -104,18 +107,20 @@ def test_init_from_an_sft_checkpoint_adds_only_the_head(tmp_path):
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
-    partial, _ = _sft_source(tmp_path, "partial", drop="projector")
     with pytest.raises(InitFromError, match=r"params/projector/\S+ is absent there"):
         Trainer(tiny_config(str(tmp_path / "run2"), "train.steps=1", "model.reward_head=true",
                             f"train.init_from={partial}"), echo=lambda _: None).init_source()
-    assert cli.main(["score", "--checkpoint", source, "--jsonl", source]) == 2  # an SFT checkpoint scores nothing
+    (tmp_path / "r.jsonl").write_text("{}\n")
+    assert cli.main(["score", "--checkpoint", source, "--jsonl", str(tmp_path / "r.jsonl")]) == 2
+    assert "is no reward model" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reward"))
     cfg = load_config(EXAMPLE, [f"workdir={workdir}", "train.steps=4", "train.eval_every=2", "train.log.every_steps=1",
-                                "data.shapes.batch_size=8", "data.eval_sources[0].size=8",
+                                "data.shapes.batch_size=8",
+                                "data.eval_sources=[{kind: embedded_preference, name: shapes_color, split: test, size: 8}]",
                                 "train.checkpoint={every_steps: 4, async_save: false}", "mesh.fsdp=-1"])
     return workdir, train(cfg, devices=jax.devices()[:2], echo=lambda _: None)
 
@@ -136,7 +141,7 @@ def test_tiny_reward_model_trains_and_logs_held_out_accuracy(reward_run):
 
 
 @pytest.mark.slow  # scores with the run above
-def test_score_cli_scores_a_jsonl_file(reward_run, tmp_path):
+def test_score_cli_scores_records_of_both_kinds(reward_run, tmp_path):
     workdir, _ = reward_run
     Image.fromarray(np.full((20, 20, 3), (200, 30, 30), np.uint8)).save(tmp_path / "red.png")
     prompt = [{"from": "human", "value": "<image>What color is the shape?"}]
@@ -145,11 +150,22 @@ def test_score_cli_scores_a_jsonl_file(reward_run, tmp_path):
              {"image": "missing.png", "conversations": prompt, "chosen": "red", "rejected": "blue"}]
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "scores.json"
-    assert cli.main(["score", "--checkpoint", os.path.join(workdir, "checkpoints"), "--jsonl",
-                     str(tmp_path / "r.jsonl"), "--json", str(out)]) == 0
+    assert cli.main(["score", "--checkpoint", os.path.join(workdir, "checkpoints"), "--config", EXAMPLE,
+                     f"data.eval_sources=[{{kind: jsonl, name: r, path: {tmp_path / 'r.jsonl'}}}]",
+                     "data.max_bad_fraction=1.0", "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())
     assert (result["records"], result["pairs"], result["skipped"]) == (2, 1, 1)
     pair, sft = result["scores"]
     assert sft["score"] == pytest.approx(pair["chosen_score"], abs=1e-5)  # the same answer, the same score
     margin = pair["chosen_score"] - pair["rejected_score"]
     assert result["pairwise_accuracy"] == (margin > 0) + 0.5 * (margin == 0)
+
+
+def test_a_reward_model_is_counted_but_not_exported():
+    m = load_config(EXAMPLE).model
+    counts = parameter_counts(m)
+    hidden = m.text.hidden_size
+    assert counts["text.reward_head"] == hidden + 1
+    assert counts["total"] == parameter_counts(dataclasses.replace(m, reward_head=False))["total"] + hidden + 1
+    with pytest.raises(ConversionError, match="model.reward_head: a reward model has no Hugging Face layout"):
+        export_config(m)

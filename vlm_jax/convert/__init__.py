@@ -191,8 +191,10 @@ def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
         components = [(name, re.escape(name) + "/") for name in dict.fromkeys(p.split("/")[0] for p in shapes)]
     counts = {label: 0 for label, _ in components}
     for path, shape in per_layer.items():
-        label = next(label for label, pattern in components if re.match(pattern, path))
-        counts[label] += math.prod(shape)
+        # A parameter HF's layout lacks (model.reward_head) is counted under its own name.
+        label = next((label for label, pattern in components if re.match(pattern, path)),
+                     ".".join(path.split("/")[:2]))
+        counts[label] = counts.get(label, 0) + math.prod(shape)
     counts["total"] = sum(counts.values())
     return counts
 
