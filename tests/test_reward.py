@@ -17,7 +17,7 @@ from train_helpers import ROOT, tiny_config
 from vlm_jax import cli
 from vlm_jax.config import SyntheticDataConfig, load_config
 from vlm_jax.convert import export_config, parameter_counts
-from vlm_jax.errors import ConversionError
+from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.families import build_model, get_family, init_params
 from vlm_jax.objectives.reward import reward_scores, reward_terms
 from vlm_jax.train import checkpoint
@@ -56,7 +56,8 @@ def test_loss_and_its_gradient_equal_the_formula():
     np.testing.assert_allclose(float(sums.metrics["score_margin"]), margins.sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("config,seq_len", [("tiny_mllama.yaml", 16), ("tiny_llava.yaml", 40)])
+@pytest.mark.parametrize("config,seq_len", [("tiny_mllama.yaml", 16),
+                                            pytest.param("tiny_llava.yaml", 40, marks=pytest.mark.slow)])
 def test_score_is_read_at_the_last_supervised_token(config, seq_len):
     cfg = load_config(f"{ROOT}/configs/models/{config}", ["model.reward_head=true", "model.dtype=float32"])
     model, family = build_model(cfg.model), get_family(cfg.model)
@@ -169,3 +170,13 @@ def test_a_reward_model_is_counted_but_not_exported():
     assert counts["total"] == parameter_counts(dataclasses.replace(m, reward_head=False))["total"] + hidden + 1
     with pytest.raises(ConversionError, match="model.reward_head: a reward model has no Hugging Face layout"):
         export_config(m)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.reward_head=false"], r"train.objective 'reward' trains the scalar reward head.*model.reward_head=true"),
+    (["train.reward.drift_weight=-1"], r"train.reward.drift_weight must be >= 0, got -1"),
+    (["train.stages=[{name: rm, steps: 2, reward: {drift_weight: -0.5}}]"], r"train.stages\[0\].reward.drift_weight"),
+])
+def test_bad_reward_settings_are_one_line_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(EXAMPLE, overrides)
