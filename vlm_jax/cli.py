@@ -141,13 +141,14 @@ def cmd_train(args):
         print(f"finished at step {int(result.state.step)}; checkpoints in {user_path(cfg.workdir, 'workdir') / 'checkpoints'}")
 
 
-def _eval_config(path: str, overrides: list[str]):
-    """A config whose data.eval_sources are the held-out sources to evaluate."""
+def _eval_config(path: str, overrides: list[str],
+                 fix: str = "list the held-out sources to evaluate (e.g. data.eval_sources='[{kind: embedded, "
+                            "name: digits_qa, split: test}]')"):
+    """A config whose data.eval_sources are the records to evaluate (or score)."""
     from vlm_jax.config import load_config
     cfg = load_config(path, overrides)
     if not cfg.data.eval_sources:
-        raise_user(f"{path}: data.eval_sources is empty; list the held-out sources to evaluate "
-                   "(e.g. data.eval_sources='[{kind: embedded, name: digits_qa, split: test}]')")
+        raise_user(f"{path}: data.eval_sources is empty; {fix}")
     return cfg
 
 
@@ -190,6 +191,33 @@ def cmd_soup(args):
     if json_out:
         write_atomic(json_out, json.dumps(soup_row(args.checkpoints, args.method, soup), indent=2))
     print(f"{args.method} soup of {sum(soup.kept)} of {len(soup.kept)} checkpoints -> {out}")
+
+
+def cmd_score(args):
+    import json
+
+    from vlm_jax.config import SourceConfig
+    from vlm_jax.infer.score import load_scorer, results_table
+    from vlm_jax.paths import user_path, write_atomic
+    data = sources = None
+    if args.config:
+        data = _eval_config(args.config, args.overrides,
+                            "list the preference or SFT records to score (or pass --jsonl FILE)").data
+        sources = data.eval_sources
+    elif args.overrides:
+        raise_user(f"overrides {' '.join(args.overrides)} need --config; with --jsonl the run's own data settings apply")
+    else:
+        path = user_path(args.jsonl, "--jsonl")
+        if not path.is_file():
+            raise_user(f"--jsonl {args.jsonl}: no such file; give a JSONL file of preference or SFT records")
+        sources = (SourceConfig(kind="jsonl", name=path.stem, path=args.jsonl, split="score"),)
+    out = _json_out(args.json)
+    scorer = load_scorer(args.checkpoint, args.tokenizer or (data.tokenizer if data else ""), data,
+                         batch_size=args.batch_size)
+    results = scorer.score_sources(sources, args.limit)
+    print(results_table(results))
+    if out:
+        write_atomic(out, json.dumps([{**r.row(), "scores": r.records} for r in results], indent=2))
 
 
 def _check_image(path: str):
@@ -357,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     sop.add_argument("--json", default="", help="also write the scores to this JSON file")
     sop.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --eval-config")
     sop.set_defaults(func=cmd_soup)
+
+    sco = sub.add_parser("score", help="a reward model's scores of answers, and its pairwise accuracy on "
+                                       "preference records")
+    sco.add_argument("--checkpoint", required=True, help="a reward model's checkpoint (model.reward_head)")
+    what = sco.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="a YAML config whose data.eval_sources (preference or SFT records) are scored")
+    what.add_argument("--jsonl", help="a JSONL file of preference or SFT records (the run's data settings apply)")
+    sco.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
+    sco.add_argument("--batch-size", type=_POSITIVE, default=32, help="rows per batch (a preference record takes two)")
+    sco.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
+                                                     "training kept in the run's workdir")
+    sco.add_argument("--json", default="", help="also write the results and every record's scores to this JSON file")
+    sco.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --config")
+    sco.set_defaults(func=cmd_score)
 
     gen = sub.add_parser("generate", help="answer prompts about images (KV-cached, jitted)")
     gen.add_argument("--checkpoint", required=True)

@@ -14,8 +14,8 @@ from vlm_jax.config.loader import (apply_overrides, check, deep_merge, from_dict
 from vlm_jax.config.mesh import DistributedConfig, MeshConfig, validate_mesh
 from vlm_jax.config.model import (ConnectorConfig, MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig,
                                   TextEncoderConfig, ViTConfig, load_model_config, validate_model)
-from vlm_jax.config.train import (CheckpointConfig, DpoConfig, LogConfig, LrGroup, OptimizerConfig, ScheduleConfig,
-                                  StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
+from vlm_jax.config.train import (CheckpointConfig, DpoConfig, LogConfig, LrGroup, OptimizerConfig, RewardConfig,
+                                  ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
 from vlm_jax.errors import ConfigError
 from vlm_jax.paths import user_path
 
@@ -42,6 +42,9 @@ def validate(cfg: Config):
         user_path(cfg.workdir, "workdir")  # an unknown scheme stops here, named
     validate_mesh(cfg.mesh, cfg.distributed)
     validate_train(cfg.train)
+    objectives = {cfg.train.objective, *(stage.objective for stage in cfg.train.stages)}
+    check("reward" not in objectives or cfg.model.reward_head,
+          "train.objective 'reward' trains the scalar reward head, which the model lacks; set model.reward_head=true")
     if cfg.train.synthetic.enabled:
         check(not cfg.data.sources, "train.synthetic.enabled generates the batches, but data.sources is set; "
               "remove data.sources or set train.synthetic.enabled=false")
@@ -81,8 +84,8 @@ __all__ = [
     "Config", "ConfigError", "load_config", "validate", "stage_data_config", "load_model_config", "from_dict",
     "to_dict", "deep_merge", "parse_override", "apply_overrides", "read_yaml", "check",
     "ModelConfig", "MllamaVisionConfig", "TextConfig", "ViTConfig", "ConnectorConfig", "TextEncoderConfig",
-    "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "DpoConfig", "StageConfig", "ScheduleConfig",
-    "OptimizerConfig", "LrGroup", "CheckpointConfig", "LogConfig", "SyntheticDataConfig", "DataConfig",
-    "SourceConfig", "ImageConfig", "ShapeConfig", "PackingConfig", "WorkerConfig", "validate_data",
+    "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "DpoConfig", "RewardConfig", "StageConfig",
+    "ScheduleConfig", "OptimizerConfig", "LrGroup", "CheckpointConfig", "LogConfig", "SyntheticDataConfig",
+    "DataConfig", "SourceConfig", "ImageConfig", "ShapeConfig", "PackingConfig", "WorkerConfig", "validate_data",
     "validate_model", "validate_train",
 ]

@@ -198,6 +198,9 @@ class ModelConfig:
     # "dots_no_batch": save weight matmuls, recompute attention scores.
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    # A reward model: a scalar head (text/reward_head, hidden -> 1) on the final hidden states, trained by
+    # `train.objective: reward` and read by `vlm-jax score`. Generative families only; not exported to HF.
+    reward_head: bool = False
 
 
 def validate_model(m: ModelConfig):

@@ -74,6 +74,14 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """Reward-model training (train.objective: reward, needs model.reward_head); see vlm_jax/objectives/reward.py."""
+    # Weight of the squared mean score of each pair: Bradley-Terry only sees score differences, so without it
+    # the scores may drift as a whole.
+    drift_weight: float = 0.01
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One recipe stage; fields left unset inherit the `train:` values."""
     name: str = ""
@@ -87,6 +95,7 @@ class StageConfig:
     data: dict[str, Any] | None = None  # `data:` keys this stage overrides (deep-merged; see stage_data_config)
     objective: str | None = None  # e.g. "dpo" for a preference stage
     dpo: DpoConfig | None = None
+    reward: RewardConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,10 @@ class TrainConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     # A registered objective (vlm_jax/objectives/); "" = the model family's own (next_token, contrastive).
     # "dpo" reads preference pairs and scores them against a frozen reference: the params the stage starts from.
+    # "reward" trains a reward model (model.reward_head) on preference pairs (Bradley-Terry); no reference.
     objective: str = ""
     dpo: DpoConfig = DpoConfig()
+    reward: RewardConfig = RewardConfig()
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk (bounds the logits held at once)
     z_loss: float = 0.0  # weight of mean(logsumexp^2)
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (each skipped) before stopping
@@ -141,13 +152,15 @@ def _validate_schedule(s: ScheduleConfig, where: str):
     check(0 <= s.final_fraction <= 1, f"{where}.final_fraction must be in [0, 1], got {s.final_fraction}")
 
 
-def _validate_objective(objective: str | None, dpo: DpoConfig | None, where: str):
+def _validate_objective(objective: str | None, dpo: DpoConfig | None, reward: RewardConfig | None, where: str):
     if objective:
         OBJECTIVES.get(objective, f"{where}.objective")
     if dpo is not None:
         check(dpo.beta > 0, f"{where}.dpo.beta must be positive, got {dpo.beta}")
         check(0 <= dpo.label_smoothing < 0.5, f"{where}.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
         check(dpo.sft_weight >= 0, f"{where}.dpo.sft_weight must be >= 0, got {dpo.sft_weight}")
+    if reward is not None:
+        check(reward.drift_weight >= 0, f"{where}.reward.drift_weight must be >= 0, got {reward.drift_weight}")
 
 
 def validate_train(t: TrainConfig):
@@ -164,7 +177,7 @@ def validate_train(t: TrainConfig):
           f"train.profile_steps must be [] or two steps [a, b] with 0 < a < b, got {list(t.profile_steps)}")
     check(t.synthetic.seq_len > 1, f"train.synthetic.seq_len must be > 1, got {t.synthetic.seq_len}")
     _validate_schedule(t.schedule, "train.schedule")
-    _validate_objective(t.objective, t.dpo, "train")
+    _validate_objective(t.objective, t.dpo, t.reward, "train")
     if t.init_from:
         user_path(t.init_from, "train.init_from")  # an unknown scheme stops here, named
     _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
@@ -175,5 +188,5 @@ def validate_train(t: TrainConfig):
         if st.schedule is not None:
             _validate_schedule(st.schedule, f"{where}.schedule")
         _check_regexes((st.trainable or ()) + (st.frozen or ()), where)
-        _validate_objective(st.objective, st.dpo, where)
+        _validate_objective(st.objective, st.dpo, st.reward, where)
         _check_regexes([g.pattern for g in st.lr_groups or ()], f"{where}.lr_groups")

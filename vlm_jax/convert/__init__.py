@@ -140,6 +140,9 @@ def import_notes(model_config: ModelConfig) -> list[str]:
 def export_config(cfg: ModelConfig, vision_layer_convention: str | None = None) -> tuple[ModelConfig, list[str]]:
     """The model config `to_hf` writes (the same model, Mllama's vision indices in the export's convention) and
     the notes about it; a ConversionError when it cannot be written."""
+    if cfg.reward_head:
+        raise ConversionError("model.reward_head: a reward model has no Hugging Face layout (its scalar head would be "
+                              "dropped); score with `vlm-jax score`, or export the checkpoint it was trained from")
     family = family_module(cfg)
     if hasattr(family, "export_config"):
         return family.export_config(cfg, vision_layer_convention)
@@ -188,8 +191,10 @@ def parameter_counts(model_config: ModelConfig) -> dict[str, int]:
         components = [(name, re.escape(name) + "/") for name in dict.fromkeys(p.split("/")[0] for p in shapes)]
     counts = {label: 0 for label, _ in components}
     for path, shape in per_layer.items():
-        label = next(label for label, pattern in components if re.match(pattern, path))
-        counts[label] += math.prod(shape)
+        # A parameter HF's layout lacks (model.reward_head) is counted under its own name.
+        label = next((label for label, pattern in components if re.match(pattern, path)),
+                     ".".join(path.split("/")[:2]))
+        counts[label] = counts.get(label, 0) + math.prod(shape)
     counts["total"] = sum(counts.values())
     return counts
 

@@ -23,6 +23,8 @@ class DualEncoder(Family):
         validate_vit(m.vit, "model.vit")
         check(m.vit.kind == self.name, f"model.vit.kind must be '{self.name}' for family '{self.name}'")
         validate_text_encoder(m.text_encoder)
+        check(not m.reward_head, f"model.reward_head: family '{self.name}' has no text decoder to score answers "
+              "with; use a generative family (mllama, llava, idefics3)")
 
     def build(self, m: ModelConfig, decode: bool = False):
         return ContrastiveDualEncoder(m)

@@ -129,14 +129,22 @@ def restore_sharded(checkpoint_path: str):
                                      rules=sharding.load_rules(mesh_config.rules))
 
 
+def restore_model(checkpoint_path: str, tokenizer: str, family_for, restore: bool = True) -> tuple:
+    """(config, model, params, tokenizer) of a checkpoint written by `vlm-jax train` or `vlm-jax import`;
+    `family_for(model config)` returns the family, or raises when the checkpoint does not serve the caller. With
+    `restore` False no params are read (None)."""
+    config, _, _ = checkpoint.read_meta(checkpoint_path)
+    model = family_for(config.model).build(config.model)
+    tokenizer = find_tokenizer(config, checkpoint_path, tokenizer)  # before the (slow) restore: mistakes first
+    check_tokenizer_fits(tokenizer, config.model, f"{tokenizer} (for {checkpoint_path})")
+    return config, model, restore_sharded(checkpoint_path) if restore else None, tokenizer
+
+
 def load_answerer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | None = None, restore: bool = True,
                   **kwargs) -> Answerer:
     """An Answerer for a checkpoint written by `vlm-jax train` or `vlm-jax import`; the data settings (template,
     image op, shapes) are the run's own unless `data` is given. With `restore` False no params are read: give
     them (e.g. a model soup's candidates) with `with_params`."""
-    config, _, _ = checkpoint.read_meta(checkpoint_path)
-    model = generating_family(config.model, f"generating from {checkpoint_path}").build(config.model)
-    tokenizer = find_tokenizer(config, checkpoint_path, tokenizer)  # before the (slow) restore: mistakes first
-    check_tokenizer_fits(tokenizer, config.model, f"{tokenizer} (for {checkpoint_path})")
-    return Answerer(model, restore_sharded(checkpoint_path) if restore else None, tokenizer,
-                    data or config.data, **kwargs)
+    config, model, params, tokenizer = restore_model(
+        checkpoint_path, tokenizer, lambda m: generating_family(m, f"generating from {checkpoint_path}"), restore)
+    return Answerer(model, params, tokenizer, data or config.data, **kwargs)

@@ -160,6 +160,11 @@ class TextDecoder(nn.Module):
                                  remat_policy=cfg.remat_policy, scan=True)
             x, _ = stack("decoder", **block)(x, inputs)
         x = RMSNorm("embed", t.rms_norm_eps, name="norm", **kw)(x)
+        if cfg.reward_head and self.is_initializing():
+            # Zero-initialised, so a fresh head (also one added to an SFT checkpoint) scores every answer 0.
+            # The reward objective applies it to one hidden state per row (`reward_scores`), not here.
+            Linear(1, ("embed", None), use_bias=True, kernel_init=nn.initializers.zeros, name="reward_head",
+                   **kw)(x[:, :1])
         if return_hidden:
             return x
         if t.tie_word_embeddings:

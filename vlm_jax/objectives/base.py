@@ -4,8 +4,9 @@
 An objective is `fn(model, params, inputs, batch, train) -> LossSums`, registered by name in OBJECTIVES:
 `inputs` are the batch entries the family's model takes, `batch` the whole batch (targets, masks, ...).
 An objective that scores preference pairs sets `paired = True` on itself: its batches hold the chosen answer in
-row 2i and the rejected one in row 2i+1 (same prompt, same images) and a `reference_logps` column that the
-trainer computes with the frozen reference params before each step.
+row 2i and the rejected one in row 2i+1 (same prompt, same images). One that also compares against a frozen
+reference model (DPO) sets `uses_reference = True`: its batches carry a `reference_logps` column that the
+trainer computes with the reference params (those the stage starts from) before each step.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ REFERENCE_LOGPS = "reference_logps"  # (B,) float32: the reference model's answe
 def is_paired(objective) -> bool:
     """Whether `objective` (a registered objective function) reads preference pairs."""
     return getattr(objective, "paired", False)
+
+
+def needs_reference(objective) -> bool:
+    """Whether `objective` reads the frozen reference's `reference_logps` column (implies paired batches)."""
+    return getattr(objective, "uses_reference", False)
 
 
 class LossSums(NamedTuple):

@@ -51,4 +51,4 @@ def dpo_loss(model, params, inputs: dict, batch: dict, train: TrainConfig) -> Lo
     return dpo_terms(-sums.nll, batch[REFERENCE_LOGPS], sums.weight, d.beta, d.label_smoothing, d.sft_weight)
 
 
-dpo_loss.paired = True
+dpo_loss.paired = dpo_loss.uses_reference = True

@@ -4,13 +4,18 @@ host holds the whole model). `open_init_source` checks the source against `model
 shapes and dtypes, the source's model config), so a mismatch stops before anything is read or written."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import flax.linen as nn
 import flax.traverse_util
+import jax
+import numpy as np
 
 from vlm_jax.config import ModelConfig, to_dict
 from vlm_jax.convert import HFWeights, config_from_hf
 from vlm_jax.errors import UserError
 from vlm_jax.families import abstract_params, build_model
+from vlm_jax.objectives.reward import REWARD_HEAD
 from vlm_jax.paths import user_path
 from vlm_jax.train import checkpoint
 from vlm_jax.train.state import abstract_with_shardings
@@ -36,8 +41,14 @@ def differing_model_field(theirs: ModelConfig, ours: ModelConfig) -> tuple[str, 
     return None
 
 
+def _without_head(tree) -> dict:
+    return {**tree, "text": {k: v for k, v in tree["text"].items() if k != REWARD_HEAD}}
+
+
 class InitSource:
-    """A checked `train.init_from`; `params(shardings)` reads it onto the mesh."""
+    """A checked `train.init_from`; `params(shardings)` reads it onto the mesh. A reward model
+    (model.reward_head) may start from a source without the head (an SFT or imported checkpoint): the head alone
+    starts fresh, at zero like a random init's."""
 
     def __init__(self, source: str, model: ModelConfig, abstract):
         self.path = user_path(source, "train.init_from")
@@ -56,6 +67,11 @@ class InitSource:
                 saved = checkpoint.params_metadata(str(self.path))
         except UserError as e:
             raise InitFromError(f"{where}: {e}") from None
+        self.fresh_head = model.reward_head and not any(
+            p.startswith(f"text/{REWARD_HEAD}/") for p in checkpoint.leaf_paths(saved))
+        self.abstract, self.where = abstract, where
+        if self.fresh_head:
+            abstract, model = _without_head(abstract), replace(model, reward_head=False)
         diff = checkpoint.first_mismatch(saved, abstract)
         if diff:
             path, there, here = diff
@@ -70,13 +86,20 @@ class InitSource:
             self.weights = HFWeights(self.path, theirs) if self.hf else None
         except UserError as e:
             raise InitFromError(f"{where}: {e}") from None
-        self.abstract, self.where = abstract, where
 
     def params(self, shardings):
         """The parameters as global arrays placed by `shardings` (a tree like the params')."""
+        if not self.fresh_head:
+            return self._read(self.abstract, shardings)
+        params = self._read(_without_head(self.abstract), _without_head(shardings))
+        head = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s),
+                            self.abstract["text"][REWARD_HEAD], shardings["text"][REWARD_HEAD])
+        return {**params, "text": {**params["text"], REWARD_HEAD: head}}
+
+    def _read(self, abstract, shardings):
         if self.weights:
             return self.weights.place(shardings)
         try:
-            return checkpoint.restore_params(str(self.path), abstract_with_shardings(self.abstract, shardings))
+            return checkpoint.restore_params(str(self.path), abstract_with_shardings(abstract, shardings))
         except UserError as e:
             raise InitFromError(f"{self.where}: {e}") from None

@@ -17,7 +17,7 @@ from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
-from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
+from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, needs_reference
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
@@ -62,7 +62,7 @@ class Trainer:
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
         self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
-        # A preference stage's frozen reference params (never updated) and its jitted answer log-probs.
+        # A DPO stage's frozen reference params (never updated) and its jitted answer log-probs.
         self.reference = self.reference_logps = None
 
     def plan(self, stage: Stage) -> StagePlan:
@@ -85,6 +85,8 @@ class Trainer:
             params = init.params(plan.shardings.params)
             self.echo(f"parameters from the {init.kind} {self.cfg.train.init_from} (train.init_from); optimizer "
                       "state, step and data start fresh")
+            if init.fresh_head:
+                self.echo("the source has no reward head (model.reward_head): text/reward_head starts at zero")
         else:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 params = jax.jit(lambda rng: nn.meta.unbox(init_params(self.model, rng)),
@@ -187,7 +189,7 @@ class Trainer:
         return self.ckpt_dir.parent / "reference" / str(stage.index)
 
     def load_reference(self, state: TrainState, stage: Stage, plan: StagePlan):
-        """The frozen reference of a preference stage: the params it starts from, written once (atomically, as a
+        """The frozen reference of a DPO stage: the params it starts from, written once (atomically, as a
         params checkpoint of step `stage.start`) to <workdir>/reference/<stage index> when it starts, and read
         back from there, so a resumed stage scores against bitwise the same reference."""
         directory, step = self.reference_dir(stage), int(state.step)
@@ -229,7 +231,7 @@ class Trainer:
         return self.data.place(batch, self.mesh, self.rules)
 
     def prepare(self, batch: dict) -> dict:
-        """A placed batch, plus the reference's answer log-probs in a preference stage."""
+        """A placed batch, plus the reference's answer log-probs in a stage whose objective reads them (DPO)."""
         if self.reference_logps is None:
             return batch
         return {**batch, REFERENCE_LOGPS: self.reference_logps(self.reference, batch)}
@@ -302,7 +304,7 @@ class Trainer:
                                   batch_sh, self.mesh, self.rules)
         eval_fn = make_eval_step(self.model, train, stage, plan.shardings.params, batch_sh, self.mesh, self.rules)
         self.reference = self.reference_logps = None
-        if is_paired(get_objective(self.cfg.model, stage_train_config(train, stage))):
+        if needs_reference(get_objective(self.cfg.model, stage_train_config(train, stage))):
             self.reference = self.load_reference(state, stage, plan)
             self.reference_logps = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh,
                                                        self.mesh, self.rules)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vlm_jax.config import DpoConfig, LrGroup, ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig
+from vlm_jax.config import (DpoConfig, LrGroup, RewardConfig, ScheduleConfig, StageConfig, SyntheticDataConfig,
+                            TrainConfig)
 from vlm_jax.errors import ConfigError
 
 
@@ -23,6 +24,7 @@ class Stage:
     data: Any
     objective: str  # "" = the model family's
     dpo: DpoConfig
+    reward: RewardConfig
 
     @property
     def end(self) -> int:
@@ -45,7 +47,8 @@ def resolve_stages(train: TrainConfig) -> list[Stage]:
             schedule=s.schedule or train.schedule,
             lr_groups=s.lr_groups if s.lr_groups is not None else train.optimizer.lr_groups,
             reset_optimizer=s.reset_optimizer, synthetic=s.synthetic or train.synthetic, data=s.data,
-            objective=s.objective if s.objective is not None else train.objective, dpo=s.dpo or train.dpo))
+            objective=s.objective if s.objective is not None else train.objective, dpo=s.dpo or train.dpo,
+            reward=s.reward or train.reward))
         start += s.steps
     return stages
 
@@ -63,4 +66,4 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 def stage_train_config(train: TrainConfig, stage: Stage) -> TrainConfig:
     """`train` with the stage's objective settings, as the objective reads them."""
-    return replace(train, objective=stage.objective, dpo=stage.dpo)
+    return replace(train, objective=stage.objective, dpo=stage.dpo, reward=stage.reward)

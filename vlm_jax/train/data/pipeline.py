@@ -17,7 +17,7 @@ from vlm_jax.data.sources.embedded import EMBEDDED_KINDS
 from vlm_jax.data.tokenizer import TOKENIZER_FILE, check_tokenizer_fits
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import generating_family
-from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired
+from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired, needs_reference
 from vlm_jax.paths import user_path
 from vlm_jax.registry import TRAIN_DATA
 from vlm_jax.train.data.base import StagedSourcesData
@@ -30,8 +30,10 @@ class PipelineData(StagedSourcesData):
 
     def __init__(self, cfg, stages, family, echo=print, hosts: int | None = None):
         super().__init__(cfg, stages, family, echo, hosts)
-        # Stages whose objective reads preference pairs (with the reference model's log-probs as a column).
-        self.pairs = {s.index: is_paired(get_objective(cfg.model, stage_train_config(cfg.train, s))) for s in stages}
+        # Stages whose objective reads preference pairs, and those that also read the reference's log-probs column.
+        objectives = {s.index: get_objective(cfg.model, stage_train_config(cfg.train, s)) for s in stages}
+        self.pairs = {i: is_paired(o) for i, o in objectives.items()}
+        self.references = {i: needs_reference(o) for i, o in objectives.items()}
         self.spec = family.input_spec(cfg.model)
         model = cfg.model
         self.pad_id = model.text.pad_token_id  # a plan's example batch: what padding holds does not change the step
@@ -92,7 +94,7 @@ class PipelineData(StagedSourcesData):
     def example_batch(self, stage: int) -> dict[str, np.ndarray]:
         shapes = self.configs[stage].shapes
         batch = collate([[] for _ in range(shapes.batch_size)], self.spec, shapes, self.pad_id)
-        if self.pairs[stage]:
+        if self.references[stage]:
             batch[REFERENCE_LOGPS] = np.zeros(shapes.batch_size, np.float32)
         return batch
 
