@@ -107,3 +107,13 @@ def test_an_interrupted_export_leaves_out_empty_for_a_rerun(tmp_path, monkeypatc
     monkeypatch.undo()
     assert cli.main(argv) == 0
     assert "model.safetensors.index.json" in _files(out)
+
+
+def test_a_parameter_without_a_key_is_refused_not_dropped():
+    from vlm_jax.convert.keymap import ConversionError, Rule, ours_to_hf
+    shapes = {"a/kernel": (2, 3), "adapter/kernel": (3, 1), "adapter/bias": (1,)}
+    with pytest.raises(ConversionError, match=r"'adapter/kernel' has no Hugging Face key \(nor do 1 more\)"):
+        ours_to_hf({}, shapes, [], [Rule("a/kernel", "a.weight")], np.float32)
+    layout, tensors = ours_to_hf({"a/kernel": np.ones((2, 3))}, {"a/kernel": (2, 3)}, [],
+                                 [Rule("a/kernel", "a.weight")], np.float32)
+    assert [name for name, _ in tensors] == ["a.weight"] and layout[0][:2] == ("a.weight", (2, 3))

@@ -147,13 +147,16 @@ def ours_to_hf(flat: Mapping[str, object], shapes: dict[str, tuple], stacks: lis
         order.append((path, [(b, r, s) for b, per_layer, s in layers for r in by_ours.pop(per_layer, ())]))
     if by_ours:
         raise ConversionError(f"key map rule for '{next(iter(by_ours))}' names no parameter of the model")
+    unmapped = [path for path, items in order if not items]
+    if unmapped:  # writing the rest would be a checkpoint that silently lacks a trained parameter
+        raise ConversionError(f"parameter '{unmapped[0]}' has no Hugging Face key"
+                              f"{f' (nor do {len(unmapped) - 1} more)' if len(unmapped) > 1 else ''}: this "
+                              "model cannot be exported to the Hugging Face layout")
     dtype = np.dtype(dtype)
     layout = [(r.hf, tuple(r.transform.hf_shape(tuple(s))), dtype) for _, items in order for _, r, s in items]
 
     def tensors():
         for path, items in order:
-            if not items:
-                continue
             arr = np.asarray(flat[path])
             for b, r, _ in items:
                 # np.asarray(order="C"), not ascontiguousarray, which turns 0-d tensors (CLIP's logit_scale) into 1-d.
