@@ -12,7 +12,7 @@ from vlm_jax.data import EmbeddedSource, build_source, decode_image
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.generate import Sampling
 from vlm_jax.infer.sample import (SampleResult, answered, answerer_draw, exact_match_scores, rejection_sample,
-                                  write_dataset)
+                                  reward_model_scores, write_dataset)
 
 
 def _fake_draw(answers_per_sample):
@@ -48,6 +48,15 @@ def test_reward_keeps_the_best_answer_above_the_threshold():
     assert result.best_scores == [0.9, -0.5]
     everything = rejection_sample("t", RECORDS, draw, score, num_samples=2, threshold=float("-inf"))
     assert [k["record"]["turns"][-1][1] for k in everything.kept] == ["aa", "bb"]
+
+
+def test_the_reward_model_scores_the_answered_records():
+    class FakeScorer:
+        def score(self, records):
+            assert [r["images"] for r in records] == [[], []]
+            return [{"score": float(len(r["turns"]) * 10 + len(r["turns"][-1][1]))} for r in records]
+
+    assert reward_model_scores(FakeScorer())(RECORDS[:2], ["ab", "abcd"], ["3", "red"]) == [22.0, 24.0]
 
 
 def test_samples_are_distinct_reproducible_draws(trained_like):
