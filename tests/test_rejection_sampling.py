@@ -9,6 +9,7 @@ from PIL import Image
 from vlm_jax.cli import main as cli_main
 from vlm_jax.config import SourceConfig
 from vlm_jax.data import EmbeddedSource, build_source, decode_image
+from vlm_jax.data.bad_records import BadRecord
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.generate import Sampling
 from vlm_jax.infer.sample import (SampleResult, answered, answerer_draw, exact_match_scores, rejection_sample,
@@ -52,11 +53,19 @@ def test_reward_keeps_the_best_answer_above_the_threshold():
 
 def test_the_reward_model_scores_the_answered_records():
     class FakeScorer:
+        def examples(self, record):
+            if record["turns"][-1][1] == "too long":
+                raise BadRecord("too_long", "nothing left to supervise")
+
         def score(self, records):
-            assert [r["images"] for r in records] == [[], []]
+            assert [r["turns"][0][1] for r in records] == ["q0", "q2"]
             return [{"score": float(len(r["turns"]) * 10 + len(r["turns"][-1][1]))} for r in records]
 
-    assert reward_model_scores(FakeScorer())(RECORDS[:2], ["ab", "abcd"], ["3", "red"]) == [22.0, 24.0]
+    scores = reward_model_scores(FakeScorer())(RECORDS, ["ab", "too long", "abcd"], ["3", "red", "7"])
+    assert scores == [22.0, None, 24.0]
+    result = rejection_sample("t", RECORDS, _fake_draw([["ab", "too long", "abcd"]]), reward_model_scores(FakeScorer()),
+                              num_samples=1, threshold=float("-inf"))
+    assert [k["record"]["turns"][0][1] for k in result.kept] == ["q0", "q2"]
 
 
 def test_samples_are_distinct_reproducible_draws(trained_like):

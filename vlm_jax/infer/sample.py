@@ -3,7 +3,8 @@ policy, scored by a reward model or a verifier; each prompt's best answer is kep
 threshold, and the kept ones are written as an SFT dataset that `data.sources: [{kind: jsonl, path: ...}]` reads.
 
 Sample k of every prompt is drawn with the key fold_in(seed, k), so the N answers to a prompt are distinct draws
-and a prompt's answers do not depend on N. An empty answer is never kept (the JSONL reader rejects it).
+and a prompt's answers do not depend on N. An empty answer is never kept (the JSONL reader rejects it), nor one
+the reward model cannot score.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data import decode_image
+from vlm_jax.data.bad_records import BadRecord
 from vlm_jax.data.sources.jsonl import format_record
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.score import Scorer
@@ -25,8 +27,9 @@ from vlm_jax.paths import write_atomic
 DATA_FILE = "data.jsonl"
 IMAGE_DIR = "images"  # embedded (in-memory) images are written here as PNG files, referenced relatively
 
-# (records, answers, reference answers) -> one score per answer; higher is better.
-ScoreFn = Callable[[list[dict], list[str], list[str]], list[float]]
+# (records, answers, reference answers) -> one score per answer (higher is better), None for one that cannot be
+# scored (and is not kept).
+ScoreFn = Callable[[list[dict], list[str], list[str]], list[float | None]]
 # (records, sample index k) -> (one answer per record, reference answers)
 DrawFn = Callable[[list[dict], int], tuple[list[str], list[str]]]
 
@@ -49,7 +52,16 @@ def exact_match_scores(records: list[dict], answers: list[str], references: list
 
 def reward_model_scores(scorer: Scorer) -> ScoreFn:
     def score(records, answers, references):
-        return [s["score"] for s in scorer.score([answered(r, a) for r, a in zip(records, answers)])]
+        rows = [answered(r, a) for r, a in zip(records, answers)]
+        usable = []
+        for i, row in enumerate(rows):
+            try:
+                scorer.examples(row)
+            except BadRecord:  # e.g. nothing of the answer left within data.shapes.seq_len
+                continue
+            usable.append(i)
+        scores = dict(zip(usable, scorer.score([rows[i] for i in usable])))
+        return [scores[i]["score"] if i in scores else None for i in range(len(rows))]
     return score
 
 
@@ -66,7 +78,7 @@ class SampleResult:
     prompts: int
     samples: int  # answers drawn
     kept: list[dict]  # per kept prompt: {"record": the answered record, "score"}
-    best_scores: list[float]  # per prompt with a non-empty answer, its best answer's score
+    best_scores: list[float]  # per prompt with a scored answer, its best answer's score
     skipped: int = 0  # unreadable or unusable records
 
     def row(self) -> dict:
@@ -89,6 +101,8 @@ def rejection_sample(label: str, records: list[dict], draw: DrawFn, score: Score
                    [references[i] for i, _ in candidates]) if candidates else []
     best: dict[int, tuple[float, str]] = {}
     for (i, answer), s in zip(candidates, scores):
+        if s is None:
+            continue
         if i not in best or s > best[i][0]:
             best[i] = (s, answer)
     kept = [{"record": answered(records[i], answer), "score": s}
