@@ -220,6 +220,49 @@ def cmd_score(args):
         write_atomic(out, json.dumps([{**r.row(), "scores": r.records} for r in results], indent=2))
 
 
+def cmd_sample(args):
+    import json
+
+    from vlm_jax.infer.answer import load_answerer
+    from vlm_jax.infer.evaluate import read_sources, source_label
+    from vlm_jax.infer.generate import Sampling
+    from vlm_jax.infer.sample import (answerer_draw, exact_match_scores, rejection_sample, results_table,
+                                      reward_model_scores, write_dataset)
+    from vlm_jax.infer.score import load_scorer
+    from vlm_jax.paths import emptied_on_error, write_atomic
+    if args.num_samples > 1 and args.temperature == 0:
+        raise_user(f"--num-samples {args.num_samples} at --temperature 0 draws the same greedy answer each time; "
+                   "give --temperature > 0 (e.g. 0.7)")
+    if args.verifier and args.threshold is not None:
+        raise_user(f"--threshold applies to --reward-checkpoint scores; --verifier {args.verifier} keeps the "
+                   "correct answers")
+    cfg = _eval_config(args.config, args.overrides, "list the prompts (SFT records with reference answers) to "
+                                                    "sample answers to")
+    out, json_out = _empty_out(args.out), _json_out(args.json)
+    tokenizer = args.tokenizer or cfg.data.tokenizer
+    answerer = load_answerer(args.checkpoint, tokenizer, cfg.data, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens,
+                             sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+    if args.verifier:
+        score, threshold = exact_match_scores, 0.5  # scores are 1 (correct) or 0
+    else:
+        score = reward_model_scores(load_scorer(args.reward_checkpoint, cfg.data.tokenizer, cfg.data,
+                                                batch_size=args.batch_size))
+        threshold = float("-inf") if args.threshold is None else args.threshold
+    sources = cfg.data.eval_sources
+    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
+    read = read_sources(answerer, sources, args.limit)
+    draw = answerer_draw(answerer, args.seed)
+    results = [rejection_sample(source_label(s), records, draw, score, args.num_samples, threshold, skipped)
+               for s, (records, skipped) in zip(sources, read)]
+    with emptied_on_error(out):
+        written = write_dataset(out, results)
+    print(results_table(results))
+    if json_out:
+        write_atomic(json_out, json.dumps([r.row() for r in results], indent=2))
+    print(f"kept {written} of {sum(r.prompts for r in results)} prompts -> {out / 'data.jsonl'}")
+
+
 def _check_image(path: str):
     """One line naming `path` and what is wrong, unless it decodes as an image (the data pipeline's decoder)."""
     from vlm_jax.data.bad_records import BadRecord
@@ -399,6 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
     sco.add_argument("--json", default="", help="also write the results and every record's scores to this JSON file")
     sco.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --config")
     sco.set_defaults(func=cmd_score)
+
+    smp = sub.add_parser("sample", help="rejection sampling: N sampled answers per prompt, the best one kept when "
+                                        "a reward model or a verifier scores it high enough, as a JSONL SFT set")
+    smp.add_argument("--config", required=True, help="a YAML config whose data.eval_sources are the prompts (SFT "
+                                                     "records with reference answers)")
+    smp.add_argument("--checkpoint", required=True, help="the policy's checkpoint directory (or one step inside it)")
+    judge = smp.add_mutually_exclusive_group(required=True)
+    judge.add_argument("--reward-checkpoint", help="a reward model's checkpoint (model.reward_head) scoring answers")
+    judge.add_argument("--verifier", choices=("exact_match",), help="exact_match: an answer counts when it matches "
+                                                                    "the record's reference (VQA normalisation)")
+    smp.add_argument("--threshold", type=float, default=None, help="with --reward-checkpoint: keep a prompt's best "
+                                                                   "answer only when its score is above this "
+                                                                   "(default: keep every prompt's best)")
+    smp.add_argument("--out", required=True, help="a new folder: data.jsonl (+ images/*.png of in-memory images)")
+    smp.add_argument("--num-samples", type=_POSITIVE, default=4, help="answers drawn per prompt")
+    smp.add_argument("--temperature", type=_number(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                     default=0.7)
+    smp.add_argument("--top-k", type=_COUNT, default=0, help="0 = no top-k cut")
+    smp.add_argument("--top-p", type=_FRACTION, default=1.0, help="1 = no nucleus cut")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--limit", type=_COUNT, default=0, help="prompts per source (0 = all)")
+    smp.add_argument("--batch-size", type=_POSITIVE, default=32)
+    smp.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    smp.add_argument("--tokenizer", default="", help="the policy's; default: the config's data.tokenizer, else the "
+                                                     "one training kept in the run's workdir")
+    smp.add_argument("--json", default="", help="also write the summary per source to this JSON file")
+    smp.add_argument("overrides", nargs="*", help="dotted.key=value overrides of --config")
+    smp.set_defaults(func=cmd_sample)
 
     gen = sub.add_parser("generate", help="answer prompts about images (KV-cached, jitted)")
     gen.add_argument("--checkpoint", required=True)

@@ -53,6 +53,13 @@ def parse_record(line: bytes, image_root) -> dict:
     return {"images": _image_paths(images, image_root), "turns": turns}
 
 
+def format_record(images: list[str], turns: list[tuple[str, str]], **extra) -> str:
+    """The JSONL line `parse_record` reads back as {"images": images, "turns": turns} (with `image_root` the
+    folder relative image paths are written against); `extra` fields are kept for people and ignored here."""
+    return json.dumps({"images": images, "conversations": [{"from": role, "value": text} for role, text in turns],
+                       **extra}, ensure_ascii=False)
+
+
 def _image_paths(images: list[str], image_root) -> list[str]:
     try:
         return [str(resolve_from(image_root, p, "image")) for p in images]

@@ -1,0 +1,144 @@
+"""`vlm-jax sample`: rejection sampling (as in Llama 3's post-training). N sampled answers per prompt from a
+policy, scored by a reward model or a verifier; each prompt's best answer is kept when its score clears a
+threshold, and the kept ones are written as an SFT dataset that `data.sources: [{kind: jsonl, path: ...}]` reads.
+
+Sample k of every prompt is drawn with the key fold_in(seed, k), so the N answers to a prompt are distinct draws
+and a prompt's answers do not depend on N. An empty answer is never kept (the JSONL reader rejects it), nor one
+the reward model cannot score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Callable
+
+import jax
+import numpy as np
+from PIL import Image
+
+from vlm_jax.data import decode_image
+from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.data.sources.jsonl import format_record
+from vlm_jax.infer.answer import Answerer
+from vlm_jax.infer.score import Scorer
+from vlm_jax.infer.vqa import exact_match
+from vlm_jax.paths import write_atomic
+
+DATA_FILE = "data.jsonl"
+IMAGE_DIR = "images"  # embedded (in-memory) images are written here as PNG files, referenced relatively
+
+# (records, answers, reference answers) -> one score per answer (higher is better), None for one that cannot be
+# scored (and is not kept).
+ScoreFn = Callable[[list[dict], list[str], list[str]], list[float | None]]
+# (records, sample index k) -> (one answer per record, reference answers)
+DrawFn = Callable[[list[dict], int], tuple[list[str], list[str]]]
+
+
+def prompt_turns(record: dict) -> list[tuple[str, str]]:
+    """The turns a policy answers: all but a final assistant turn (the reference answer)."""
+    turns = list(record["turns"])
+    return turns[:-1] if turns and turns[-1][0] == "assistant" else turns
+
+
+def answered(record: dict, answer: str) -> dict:
+    """The SFT record of `answer` to `record`'s prompt (images kept)."""
+    return {"images": record["images"], "turns": [*prompt_turns(record), ("assistant", answer)]}
+
+
+def exact_match_scores(records: list[dict], answers: list[str], references: list[str]) -> list[float]:
+    """The verifier: 1 for an answer that matches the reference (VQA normalisation), else 0."""
+    return [float(exact_match(a, r)) for a, r in zip(answers, references)]
+
+
+def reward_model_scores(scorer: Scorer) -> ScoreFn:
+    def score(records, answers, references):
+        rows = [answered(r, a) for r, a in zip(records, answers)]
+        usable = []
+        for i, row in enumerate(rows):
+            try:
+                scorer.examples(row)
+            except BadRecord:  # e.g. nothing of the answer left within data.shapes.seq_len
+                continue
+            usable.append(i)
+        scores = dict(zip(usable, scorer.score([rows[i] for i in usable])))
+        return [scores[i]["score"] if i in scores else None for i in range(len(rows))]
+    return score
+
+
+def answerer_draw(answerer: Answerer, seed: int) -> DrawFn:
+    def draw(records, k):
+        tokens, references = answerer.generate_tokens(records, jax.random.fold_in(jax.random.PRNGKey(seed), k))
+        return answerer.decode(tokens), references
+    return draw
+
+
+@dataclasses.dataclass
+class SampleResult:
+    label: str
+    prompts: int
+    samples: int  # answers drawn
+    kept: list[dict]  # per kept prompt: {"record": the answered record, "score"}
+    best_scores: list[float]  # per prompt with a scored answer, its best answer's score
+    skipped: int = 0  # unreadable or unusable records
+
+    def row(self) -> dict:
+        return {"source": self.label, "prompts": self.prompts, "samples": self.samples, "kept": len(self.kept),
+                "fraction_kept": len(self.kept) / self.prompts if self.prompts else 0.0,
+                "mean_best_score": float(np.mean(self.best_scores)) if self.best_scores else None,
+                "skipped": self.skipped}
+
+
+def rejection_sample(label: str, records: list[dict], draw: DrawFn, score: ScoreFn, num_samples: int,
+                     threshold: float, skipped: int = 0) -> SampleResult:
+    """Each record's best of `num_samples` answers (the first of equal ones), kept when its score > `threshold`."""
+    answers, references = [], None
+    for k in range(num_samples):
+        drawn, references = draw(records, k)
+        answers.append(drawn)
+    # Every candidate is scored in one call: a reward model batches them however they fall.
+    candidates = [(i, a) for k in range(num_samples) for i, a in enumerate(answers[k]) if a]
+    scores = score([records[i] for i, _ in candidates], [a for _, a in candidates],
+                   [references[i] for i, _ in candidates]) if candidates else []
+    best: dict[int, tuple[float, str]] = {}
+    for (i, answer), s in zip(candidates, scores):
+        if s is None:
+            continue
+        if i not in best or s > best[i][0]:
+            best[i] = (s, answer)
+    kept = [{"record": answered(records[i], answer), "score": s}
+            for i, (s, answer) in sorted(best.items()) if s > threshold]
+    return SampleResult(label, len(records), len(records) * num_samples, kept,
+                        [s for s, _ in best.values()], skipped)
+
+
+def write_dataset(out, results: list[SampleResult]) -> int:
+    """The kept answers of every source as `out`/data.jsonl (images that are no files as `out`/images/*.png);
+    returns the number of records written."""
+    lines = []
+    for result in results:
+        for kept in result.kept:
+            record, refs = kept["record"], []
+            for j, image in enumerate(record["images"]):
+                if isinstance(image, str):  # a file the source named: an absolute path or URI stands alone
+                    refs.append(image)
+                    continue
+                ref = f"{IMAGE_DIR}/{len(lines):06d}_{j}.png"
+                buffer = io.BytesIO()
+                Image.fromarray(decode_image(image)).save(buffer, "PNG")
+                write_atomic(out / ref, buffer.getvalue())
+                refs.append(ref)
+            lines.append(format_record(refs, record["turns"], score=kept["score"], source=result.label))
+    write_atomic(out / DATA_FILE, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def results_table(results: list[SampleResult]) -> str:
+    width = max([len("source")] + [len(r.label) for r in results])
+    lines = [f"{'source':<{width}}  {'prompts':>7}  {'samples':>7}  {'kept':>5}  {'kept %':>6}  {'mean best':>9}"]
+    for r in results:
+        row = r.row()
+        best = "-" if row["mean_best_score"] is None else f"{row['mean_best_score']:.3f}"
+        lines.append(f"{r.label:<{width}}  {r.prompts:>7}  {r.samples:>7}  {len(r.kept):>5}  "
+                     f"{row['fraction_kept']:>6.1%}  {best:>9}"
+                     + (f"  ({r.skipped} unusable skipped)" if r.skipped else ""))
+    return "\n".join(lines)
