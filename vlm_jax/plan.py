@@ -17,6 +17,7 @@ from vlm_jax import sharding, topology
 from vlm_jax.config import Config
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import abstract_params, get_family
+from vlm_jax.models.attention import resolved_model
 from vlm_jax.train import flops
 from vlm_jax.train.data import TrainData, open_train_data
 from vlm_jax.train.recipe import Stage, resolve_stages
@@ -162,6 +163,7 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
     echo(f"mesh: {dict(sharding.make_mesh(cfg.mesh, devices).shape)} with rules '{cfg.mesh.rules}'; global batch "
          f"{data.global_batch(stages[0].index) if stages else 0}, microbatches {cfg.train.microbatches}, "
          f"remat {cfg.model.remat_policy}")
+    cfg = dataclasses.replace(cfg, model=resolved_model(cfg.model, "tpu", cfg.data.packing.enabled, echo))
     reports = []
     for stage in stages:
         reports.append(plan_stage(cfg, data, stage, s, devices, assumed_mfu))

@@ -197,10 +197,17 @@ class ModelConfig:
     # "none": keep all activations; "full": recompute each layer; "dots": save matmul outputs only;
     # "dots_no_batch": save weight matmuls, recompute attention scores.
     remat_policy: str = "none"
+    # "xla": einsum attention with a dense mask (every platform). "splash": JAX's Pallas TPU splash attention;
+    # "cudnn": cuDNN flash attention via jax.nn.dot_product_attention (GPU; unpacked rows only). "auto": splash
+    # on TPU, cudnn on GPU (xla when data.packing is on), xla on CPU, announced. A kernel runs the decoder's causal
+    # self-attention over whole sequences; cross-attention, vision towers and cached decoding stay on xla.
     attention_impl: str = "xla"
     # A reward model: a scalar head (text/reward_head, hidden -> 1) on the final hidden states, trained by
     # `train.objective: reward` and read by `vlm-jax score`. Generative families only; not exported to HF.
     reward_head: bool = False
+
+
+ATTENTION_IMPLS = ("xla", "splash", "cudnn", "auto")
 
 
 def validate_model(m: ModelConfig):
@@ -208,7 +215,8 @@ def validate_model(m: ModelConfig):
     check(m.dtype in DTYPES, f"model.dtype: '{m.dtype}' is not one of {DTYPES}")
     check(m.param_dtype in DTYPES, f"model.param_dtype: '{m.param_dtype}' is not one of {DTYPES}")
     check(m.remat_policy in REMAT_POLICIES, f"model.remat_policy: '{m.remat_policy}' is not one of {REMAT_POLICIES}")
-    check(m.attention_impl == "xla", f"model.attention_impl: '{m.attention_impl}' is not supported; use 'xla'")
+    check(m.attention_impl in ATTENTION_IMPLS,
+          f"model.attention_impl: '{m.attention_impl}' is not one of {ATTENTION_IMPLS}")
     family.validate(m)
 
 

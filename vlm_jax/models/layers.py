@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import RopeScaling
+from vlm_jax.models.attention import CausalSegments, kernel_for
 
 Axes = tuple[str | None, ...]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -120,10 +121,14 @@ def apply_rope(x, positions, inv_freq):
 
 
 def dot_product_attention(q, k, v, mask, *, impl: str = "xla"):
-    """Grouped-query attention. q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D); mask: bool broadcastable to
-    (B, 1, Sq, Sk) (True = attend) or None. Softmax in fp32. One entry point for every kernel choice."""
-    if impl != "xla":
-        raise NotImplementedError(f"attention_impl '{impl}'")
+    """Grouped-query attention. q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D); mask: a `CausalSegments`
+    description, a bool array broadcastable to (B, 1, Sq, Sk) (True = attend), or None. Softmax in fp32.
+    A kernel `impl` runs only for `CausalSegments` (see vlm_jax/models/attention.py); the rest is XLA's."""
+    if isinstance(mask, CausalSegments):
+        kernel = kernel_for(impl)
+        if kernel is not None:
+            return kernel(q, k, v, mask)
+        mask = mask.dense()
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, sq, hkv, hq // hkv, d)
@@ -160,14 +165,6 @@ class KVCache(nn.Module):
         pos.value = jax.lax.dynamic_update_slice_in_dim(pos.value, positions.astype(jnp.int32), i, axis=1)
         index.value = i + k.shape[1]
         return key.value, value.value, seg.value, pos.value
-
-
-def causal_segment_mask(q_segments, q_positions, k_segments, k_positions):
-    """(B, 1, Sq, Sk): same packed segment, key not after query, key not padding (segment 0)
-    unless the query is padding too (so no row is empty)."""
-    same = q_segments[:, :, None] == k_segments[:, None, :]
-    causal = k_positions[:, None, :] <= q_positions[:, :, None]
-    return (same & causal)[:, None]
 
 
 class Attention(nn.Module):

@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.config import ModelConfig
-from vlm_jax.models.layers import (Attention, KVCache, Linear, RMSNorm, SwiGLU, apply_rope,
-                                   causal_segment_mask, constrain, dtype_of, param, rope_inv_freq,
-                                   stack_layers)
+from vlm_jax.models.attention import CausalSegments
+from vlm_jax.models.layers import (Attention, KVCache, Linear, RMSNorm, SwiGLU, apply_rope, constrain, dtype_of,
+                                   param, rope_inv_freq, stack_layers)
 
 
 class DecoderInputs(NamedTuple):
@@ -60,10 +60,10 @@ class SelfAttentionLayer(nn.Module):
         q = apply_rope(attn.project_q(h), inputs.positions, inv_freq)
         k, v = attn.project_kv(h)
         k = apply_rope(k, inputs.positions, inv_freq)
-        k_segments, k_positions = inputs.segment_ids, inputs.positions
-        if self.decode:
+        mask = CausalSegments(inputs.segment_ids, inputs.positions)
+        if self.decode:  # queries see the cache's keys: a dense mask, so the XLA path
             k, v, k_segments, k_positions = KVCache(name="cache")(k, v, inputs.segment_ids, inputs.positions)
-        mask = causal_segment_mask(inputs.segment_ids, inputs.positions, k_segments, k_positions)
+            mask = mask.dense_against(k_segments, k_positions)
         x = x + attn.attend(q, k, v, mask)
         h = RMSNorm("embed", t.rms_norm_eps, name="post_attention_layernorm", **_kw(self.config))(x)
         return x + SwiGLU(t.intermediate_size, name="mlp", **_kw(self.config))(h)

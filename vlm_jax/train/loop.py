@@ -17,6 +17,7 @@ from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
+from vlm_jax.models.attention import resolved_model
 from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, needs_reference
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
@@ -57,7 +58,8 @@ class Trainer:
         self.data = open_train_data(cfg, self.stages, self.family, echo)  # data errors before the model is built
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.load_rules(cfg.mesh.rules)
-        self.model = self.family.build(cfg.model)
+        self.model = self.family.build(resolved_model(cfg.model, jax.default_backend(), cfg.data.packing.enabled,
+                                                      echo))
         self.abstract_boxed = abstract_params(self.model)
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
