@@ -2,6 +2,7 @@
 samples are distinct draws, and the written dataset reads back through the jsonl source."""
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,6 +80,15 @@ def test_samples_are_distinct_reproducible_draws(trained_like):
         assert len({a[i] for a in answers}) == 3, [a[i] for a in answers]
     assert draw(records, 1)[0] == answers[1]
     assert answerer_draw(answerer, seed=1)(records, 1)[0] != answers[1]
+
+
+def test_each_batch_draws_its_own_noise(trained_like):
+    cfg, model, params, tokenizer, _ = trained_like
+    answerer = Answerer(model, params, tokenizer, cfg.data, batch_size=1, max_new_tokens=6,
+                        sampling=Sampling(temperature=1.0))
+    record = EmbeddedSource("digits_qa", "test")[0]
+    first, second = answerer.generate_tokens([record, record], jax.random.PRNGKey(0))[0]
+    assert not np.array_equal(first, second)  # one prompt, two batches: two draws, not the same one twice
 
 
 def test_written_dataset_reads_back_through_the_jsonl_source(tmp_path):

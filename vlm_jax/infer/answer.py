@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import jax
 import numpy as np
 
 from vlm_jax import sharding
@@ -73,14 +74,17 @@ class Answerer:
     def generate_tokens(self, records: list[dict], rng=None, backend=None) -> tuple[np.ndarray, list[str]]:
         """(new token ids (len(records), max_new_tokens), reference answers), in batches of `batch_size`.
         `backend(prompts) -> ids` replaces the JAX generation, e.g. transformers' (`hf_reference.hf_generate`)."""
-        def jax_backend(prompts):
-            return generate(self.model, self.params, prompts, self.sampling, rng)
+        key = jax.random.PRNGKey(0) if rng is None else rng
+
+        def jax_backend(prompts, start):
+            # Each batch draws its own noise: with one key, rows at the same place of different batches would share it.
+            return generate(self.model, self.params, prompts, self.sampling, jax.random.fold_in(key, start))
 
         tokens, references = [], []
         for start in range(0, len(records), self.batch_size):
             chunk = records[start:start + self.batch_size]
             prompts, refs = self.prompts(chunk)
-            tokens.append(np.asarray((backend or jax_backend)(prompts))[:len(chunk)])
+            tokens.append(np.asarray(backend(prompts) if backend else jax_backend(prompts, start))[:len(chunk)])
             references += refs
         return np.concatenate(tokens), references
 
