@@ -361,6 +361,22 @@ _COUNT = _number(int, lambda v: v >= 0, "an integer >= 0")
 _FRACTION = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def _batch_args(p, unit: str, max_new_tokens: int | None, batch_help: str | None = None):
+    """--limit, --batch-size and (for commands that generate) --max-new-tokens."""
+    p.add_argument("--limit", type=_COUNT, default=0, help=f"{unit} per source (0 = all)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, help=batch_help)
+    if max_new_tokens:
+        p.add_argument("--max-new-tokens", type=_POSITIVE, default=max_new_tokens)
+
+
+def _sampling_args(p, temperature: float):
+    p.add_argument("--temperature", type=_number(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=_COUNT, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=_FRACTION, default=1.0, help="1 = no nucleus cut")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vlm-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -403,9 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl = sub.add_parser("eval", help="held-out VQA exact-match accuracy and answer perplexity per source")
     evl.add_argument("--config", required=True, help="a YAML config whose data.eval_sources are evaluated")
     evl.add_argument("--checkpoint", required=True, help="a checkpoint directory (or one step inside it)")
-    evl.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
-    evl.add_argument("--batch-size", type=_POSITIVE, default=32)
-    evl.add_argument("--max-new-tokens", type=_POSITIVE, default=8)
+    _batch_args(evl, "records", max_new_tokens=8)
     evl.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
                                                      "training kept in the run's workdir")
     evl.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -420,9 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sop.add_argument("--eval-config", default="", help="a YAML config whose data.eval_sources score the "
                                                         "checkpoints and soups (needed by greedy and max)")
     sop.add_argument("--out", required=True)
-    sop.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
-    sop.add_argument("--batch-size", type=_POSITIVE, default=32)
-    sop.add_argument("--max-new-tokens", type=_POSITIVE, default=8)
+    _batch_args(sop, "records", max_new_tokens=8)
     sop.add_argument("--tokenizer", default="", help="default: the eval config's data.tokenizer, else the first "
                                                      "checkpoint's")
     sop.add_argument("--json", default="", help="also write the scores to this JSON file")
@@ -435,8 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = sco.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="a YAML config whose data.eval_sources (preference or SFT records) are scored")
     what.add_argument("--jsonl", help="a JSONL file of preference or SFT records (the run's data settings apply)")
-    sco.add_argument("--limit", type=_COUNT, default=0, help="records per source (0 = all)")
-    sco.add_argument("--batch-size", type=_POSITIVE, default=32, help="rows per batch (a preference record takes two)")
+    _batch_args(sco, "records", max_new_tokens=None, batch_help="rows per batch (a preference record takes two)")
     sco.add_argument("--tokenizer", default="", help="default: the config's data.tokenizer, else the one "
                                                      "training kept in the run's workdir")
     sco.add_argument("--json", default="", help="also write the results and every record's scores to this JSON file")
@@ -457,14 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(default: keep every prompt's best)")
     smp.add_argument("--out", required=True, help="a new folder: data.jsonl (+ images/*.png of in-memory images)")
     smp.add_argument("--num-samples", type=_POSITIVE, default=4, help="answers drawn per prompt")
-    smp.add_argument("--temperature", type=_number(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
-                     default=0.7)
-    smp.add_argument("--top-k", type=_COUNT, default=0, help="0 = no top-k cut")
-    smp.add_argument("--top-p", type=_FRACTION, default=1.0, help="1 = no nucleus cut")
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--limit", type=_COUNT, default=0, help="prompts per source (0 = all)")
-    smp.add_argument("--batch-size", type=_POSITIVE, default=32)
-    smp.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    _sampling_args(smp, temperature=0.7)
+    _batch_args(smp, "prompts", max_new_tokens=32)
     smp.add_argument("--tokenizer", default="", help="the policy's; default: the config's data.tokenizer, else the "
                                                      "one training kept in the run's workdir")
     smp.add_argument("--json", default="", help="also write the summary per source to this JSON file")
@@ -476,11 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, action="append", help="an image file; repeat for several")
     gen.add_argument("--prompt", required=True, action="append", help="a question; repeat for a batch")
     gen.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
-    gen.add_argument("--temperature", type=_number(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
-                     default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=_COUNT, default=0, help="0 = no top-k cut")
-    gen.add_argument("--top-p", type=_FRACTION, default=1.0, help="1 = no nucleus cut")
-    gen.add_argument("--seed", type=int, default=0)
+    _sampling_args(gen, temperature=0.0)
     gen.add_argument("--tokenizer", default="")
     gen.add_argument("--json", default="", help="also write [{image, prompt, answer}, ...] to this JSON file")
     gen.set_defaults(func=cmd_generate)

@@ -112,13 +112,26 @@ def evaluate_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limi
     return evaluate_read(answerer, sources, read_sources(answerer, sources, limit), perplexity)
 
 
+def text_table(header: list[str], rows: list[list[str]], notes: list[str] | None = None) -> str:
+    """The command-line result tables: each column as wide as its widest cell, names (the first column) left
+    and figures right, a row's note (if any) after it."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells, note=""):
+        first, *rest = cells
+        return "  ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:]))]) + \
+            (f"  {note}" if note else "")
+    return "\n".join([line(header), *(line(r, n) for r, n in zip(rows, notes or [""] * len(rows)))])
+
+
+def skipped_note(skipped: int, what: str = "unusable") -> str:
+    return f"({skipped} {what} skipped)" if skipped else ""
+
+
 def results_table(results: list[SourceResult]) -> str:
-    width = max([len("source")] + [len(r.label) for r in results])
-    lines = [f"{'source':<{width}}  {'examples':>8}  {'accuracy':>8}  {'blind baseline':>14}  {'perplexity':>10}"]
-    for r in results:
-        lines.append(f"{r.label:<{width}}  {r.examples:>8}  {r.accuracy:>8.1%}  {r.baseline:>14.1%}  "
-                     f"{r.perplexity:>10.3f}" + (f"  ({r.skipped} unreadable skipped)" if r.skipped else ""))
-    return "\n".join(lines)
+    return text_table(["source", "examples", "accuracy", "blind baseline", "perplexity"],
+                      [[r.label, str(r.examples), f"{r.accuracy:.1%}", f"{r.baseline:.1%}", f"{r.perplexity:.3f}"]
+                       for r in results], [skipped_note(r.skipped, "unreadable") for r in results])
 
 
 @EVALUATORS.register("answer_accuracy")

@@ -20,6 +20,7 @@ from vlm_jax.data import decode_image
 from vlm_jax.data.bad_records import BadRecord
 from vlm_jax.data.sources.jsonl import format_record
 from vlm_jax.infer.answer import Answerer
+from vlm_jax.infer.evaluate import skipped_note, text_table
 from vlm_jax.infer.score import Scorer
 from vlm_jax.infer.vqa import exact_match
 from vlm_jax.paths import write_atomic
@@ -133,12 +134,8 @@ def write_dataset(out, results: list[SampleResult]) -> int:
 
 
 def results_table(results: list[SampleResult]) -> str:
-    width = max([len("source")] + [len(r.label) for r in results])
-    lines = [f"{'source':<{width}}  {'prompts':>7}  {'samples':>7}  {'kept':>5}  {'kept %':>6}  {'mean best':>9}"]
-    for r in results:
-        row = r.row()
-        best = "-" if row["mean_best_score"] is None else f"{row['mean_best_score']:.3f}"
-        lines.append(f"{r.label:<{width}}  {r.prompts:>7}  {r.samples:>7}  {len(r.kept):>5}  "
-                     f"{row['fraction_kept']:>6.1%}  {best:>9}"
-                     + (f"  ({r.skipped} unusable skipped)" if r.skipped else ""))
-    return "\n".join(lines)
+    rows = [r.row() for r in results]
+    return text_table(["source", "prompts", "samples", "kept", "kept %", "mean best"],
+                      [[r.label, str(r.prompts), str(r.samples), str(len(r.kept)), f"{row['fraction_kept']:.1%}",
+                        "-" if row["mean_best_score"] is None else f"{row['mean_best_score']:.3f}"]
+                       for r, row in zip(results, rows)], [skipped_note(r.skipped) for r in results])

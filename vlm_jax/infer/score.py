@@ -19,7 +19,7 @@ from vlm_jax.data.bad_records import BadRecordCounter
 from vlm_jax.errors import UserError
 from vlm_jax.families import get_family
 from vlm_jax.infer.answer import restore_model
-from vlm_jax.infer.evaluate import read_records, source_label
+from vlm_jax.infer.evaluate import read_records, skipped_note, source_label, text_table
 from vlm_jax.objectives.reward import reward_scores
 
 
@@ -98,11 +98,8 @@ def load_scorer(checkpoint_path: str, tokenizer: str = "", data: DataConfig | No
 
 
 def results_table(results: list[SourceScores]) -> str:
-    width = max([len("source")] + [len(r.label) for r in results])
-    lines = [f"{'source':<{width}}  {'records':>7}  {'pairs':>5}  {'pairwise accuracy':>17}"]
-    for r in results:
-        row = r.row()
-        accuracy = "-" if row["pairwise_accuracy"] is None else f"{row['pairwise_accuracy']:.1%}"
-        lines.append(f"{r.label:<{width}}  {row['records']:>7}  {row['pairs']:>5}  {accuracy:>17}"
-                     + (f"  ({r.skipped} unusable skipped)" if r.skipped else ""))
-    return "\n".join(lines)
+    rows = [r.row() for r in results]
+    return text_table(["source", "records", "pairs", "pairwise accuracy"],
+                      [[r.label, str(row["records"]), str(row["pairs"]),
+                        "-" if row["pairwise_accuracy"] is None else f"{row['pairwise_accuracy']:.1%}"]
+                       for r, row in zip(results, rows)], [skipped_note(r.skipped) for r in results])

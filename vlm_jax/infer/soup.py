@@ -22,7 +22,7 @@ from vlm_jax.convert.processor import keep_processor_files, kept_processor_dir
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import UserError
 from vlm_jax.infer.answer import Answerer, restore_sharded, tokenizer_path
-from vlm_jax.infer.evaluate import SourceResult, evaluate_read, read_sources
+from vlm_jax.infer.evaluate import SourceResult, evaluate_read, read_sources, text_table
 from vlm_jax.paths import user_path, write_atomic
 from vlm_jax.train import checkpoint
 from vlm_jax.train.init_from import differing_model_field
@@ -170,13 +170,10 @@ def write_soup(out, params, source: str):
 
 def soup_table(paths: Sequence[str], method: str, soup: Soup) -> str:
     names = [*paths, f"{method} soup"]
-    width = max(len(n) for n in [*names, "checkpoint"])
-    lines = [f"{'checkpoint':<{width}}  {'accuracy':>8}  {'perplexity':>10}  in soup"]
-    for name, s, kept in zip(names, [*soup.scores, soup.score],
-                             [*("yes" if k else "no" for k in soup.kept), f"{sum(soup.kept)} of {len(paths)}"]):
-        figures = f"{s.accuracy:>8.1%}  {s.perplexity:>10.3f}" if s else f"{'-':>8}  {'-':>10}"
-        lines.append(f"{name:<{width}}  {figures}  {kept}")
-    return "\n".join(lines)
+    kept = [*("yes" if k else "no" for k in soup.kept), f"{sum(soup.kept)} of {len(paths)}"]
+    return text_table(["checkpoint", "accuracy", "perplexity", "in soup"],
+                      [[name, *((f"{s.accuracy:.1%}", f"{s.perplexity:.3f}") if s else ("-", "-")), k]
+                       for name, s, k in zip(names, [*soup.scores, soup.score], kept)])
 
 
 def soup_row(paths: Sequence[str], method: str, soup: Soup) -> dict:
