@@ -25,6 +25,17 @@ def test_dotted_overrides_and_base(tmp_path):
     assert cfg.model.dtype == "bfloat16" and cfg.mesh.tensor == 2 and cfg.model.vision.norm_eps == 1e-6
 
 
+def test_overrides_index_lists():
+    recipe = os.path.join(REPO, "configs/recipes/tiny_llama3v_synthetic.yaml")
+    cfg = load_config(recipe, ["train.stages.1.steps=7", "train.stages.0.lr_groups.1.learning_rate=0.5"])
+    assert [s.steps for s in cfg.train.stages] == [6, 7, 4]
+    assert [g.learning_rate for g in cfg.train.stages[0].lr_groups] == [2.0e-3, 0.5]
+    for override in ("train.stages.3.steps=1", "train.stages.first.steps=1"):
+        with pytest.raises(ConfigError, match=f"override '{override}': 'train.stages' is a list of 3; '(3|first)' is "
+                                              "not an index into it"):
+            load_config(recipe, [override])
+
+
 @pytest.mark.parametrize("override,needle", [
     ("model.text.hidden_sise=3", "unknown config key 'model.text.hidden_sise'"),
     ("model.text.num_layers=four", "model.text.num_layers: expected an integer"),

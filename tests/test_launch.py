@@ -57,7 +57,7 @@ def test_bad_slice_name():
 
 
 def test_plan_compiles_the_train_step_for_a_tpu_slice(capsys):
-    config = os.path.join(REPO, "configs/recipes/tiny_llama3v.yaml")
+    config = os.path.join(REPO, "configs/recipes/tiny_llama3v_synthetic.yaml")
     assert cli.main(["plan", "--config", config, "--topology", "v5p-8", "--stage", "pretrain", "mesh.fsdp=-1"]) == 0
     out = capsys.readouterr().out
     assert "v5p:2x2x1, 4 chips, 4 devices" in out and "{'data': 1, 'fsdp': 4, 'tensor': 1}" in out
@@ -75,7 +75,7 @@ def test_plan_says_what_to_change_when_it_does_not_fit(capsys):
 
 
 def test_plan_json_and_its_argument_errors(tmp_path, capsys):
-    config = os.path.join(REPO, "configs/recipes/tiny_llama3v.yaml")
+    config = os.path.join(REPO, "configs/recipes/tiny_llama3v_synthetic.yaml")
     out = tmp_path / "plan.json"
     assert cli.main(["plan", "--config", config, "--topology", "v5p-8", "--stage", "sft", "--json", str(out)]) == 0
     stages = json.loads(out.read_text())["stages"]

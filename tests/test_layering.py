@@ -16,7 +16,7 @@ LAYERS = [
     ("families",),
     ("convert",),  # below train: `train.init_from` converts a Hugging Face directory on the fly
     ("objectives", "train"),
-    ("infer", "plan", "curate"),
+    ("infer", "plan", "curate", "recipe"),
     ("cli", "demo"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -11,7 +11,7 @@ from vlm_jax.train.loop import Trainer
 from vlm_jax.train.state import StagePlan
 from train_helpers import ROOT, final_params
 
-RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v.yaml")
+RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v_synthetic.yaml")
 
 
 def test_tiny_recipe_freezes_resets_and_checkpoints(tmp_path):

@@ -133,10 +133,10 @@ def cmd_train(args):
     from vlm_jax.config import load_config
     from vlm_jax.paths import user_path
     cfg = load_config(args.config, args.overrides, require=("model",))
-    from vlm_jax.train.loop import train  # slow to import: after the config is known to be good
+    from vlm_jax.recipe import run_recipe  # slow to import: after the config is known to be good
     distributed.initialize(cfg.distributed)  # before any device is touched; a no-op for one process
     print(distributed.check_processes(cfg.distributed))
-    result = train(cfg)
+    result = run_recipe(cfg)
     if not result.stopped_by_signal:
         print(f"finished at step {int(result.state.step)}; checkpoints in {user_path(cfg.workdir, 'workdir') / 'checkpoints'}")
 
@@ -171,20 +171,13 @@ def cmd_eval(args):
 def cmd_soup(args):
     import json
 
-    from vlm_jax.infer.answer import load_answerer
-    from vlm_jax.infer.soup import (answer_scorer, check_ingredients, check_method, make_soup, soup_row, soup_table,
-                                    write_soup)
+    from vlm_jax.infer.soup import check_method, soup_checkpoints, soup_row, soup_table, write_soup
     from vlm_jax.paths import emptied_on_error, write_atomic
     check_method(args.method, bool(args.eval_config))
     cfg = _eval_config(args.eval_config, args.overrides) if args.eval_config else None
     out, json_out = _empty_out(args.out), _json_out(args.json)
-    check_ingredients(args.checkpoints)
-    score = None
-    if cfg:
-        answerer = load_answerer(args.checkpoints[0], args.tokenizer or cfg.data.tokenizer, cfg.data, restore=False,
-                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        score = answer_scorer(answerer, cfg.data.eval_sources, args.limit)
-    soup = make_soup(args.checkpoints, args.method, score)
+    soup = soup_checkpoints(args.checkpoints, args.method, cfg.data if cfg else None, args.limit, args.tokenizer,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     with emptied_on_error(out):
         write_soup(out, soup.params, args.checkpoints[soup.source])
     print(soup_table(args.checkpoints, args.method, soup))
@@ -224,11 +217,8 @@ def cmd_sample(args):
     import json
 
     from vlm_jax.infer.answer import load_answerer
-    from vlm_jax.infer.evaluate import read_sources, source_label
     from vlm_jax.infer.generate import Sampling
-    from vlm_jax.infer.sample import (answerer_draw, exact_match_scores, rejection_sample, results_table,
-                                      reward_model_scores, write_dataset)
-    from vlm_jax.infer.score import load_scorer
+    from vlm_jax.infer.sample import judge, results_table, sample_sources, write_dataset
     from vlm_jax.paths import emptied_on_error, write_atomic
     if args.num_samples > 1 and args.temperature == 0:
         raise_user(f"--num-samples {args.num_samples} at --temperature 0 draws the same greedy answer each time; "
@@ -243,18 +233,10 @@ def cmd_sample(args):
     answerer = load_answerer(args.checkpoint, tokenizer, cfg.data, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens,
                              sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
-    if args.verifier:
-        score, threshold = exact_match_scores, 0.5  # scores are 1 (correct) or 0
-    else:
-        score = reward_model_scores(load_scorer(args.reward_checkpoint, cfg.data.tokenizer, cfg.data,
-                                                batch_size=args.batch_size))
-        threshold = float("-inf") if args.threshold is None else args.threshold
-    sources = cfg.data.eval_sources
-    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
-    read = read_sources(answerer, sources, args.limit)
-    draw = answerer_draw(answerer, args.seed)
-    results = [rejection_sample(source_label(s), records, draw, score, args.num_samples, threshold, skipped)
-               for s, (records, skipped) in zip(sources, read)]
+    score, threshold = judge(args.verifier, args.reward_checkpoint, args.threshold, cfg.data.tokenizer, cfg.data,
+                             args.batch_size)
+    results = sample_sources(answerer, cfg.data.eval_sources, args.limit, score, threshold, args.num_samples,
+                             args.seed)
     with emptied_on_error(out):
         written = write_dataset(out, results)
     print(results_table(results))

@@ -155,6 +155,13 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
     if unknown:
         raise ConfigError(f"--stage {unknown[0]}: no such stage; the config's stages are "
                           f"{', '.join(st.name for st in all_stages)}")
+    # A reward_model or sample stage trains no step of the run's model (a reward model's step is the SFT
+    # stage's plus a scalar head).
+    side = [st for st in all_stages if st.kind != "train" and (not stage_names or st.name in stage_names)]
+    if side:
+        echo(f"not planned: {', '.join(f'{st.name} ({st.kind})' for st in side)}; plan covers the steps of the run's "
+             "own model")
+    all_stages = [st for st in all_stages if st.kind == "train"]
     # The shapes the slice's hosts would read; the data itself need not be on the planning machine.
     data = open_train_data(cfg, all_stages, get_family(cfg.model), echo, hosts=len({d.process_index for d in devices}))
     stages = [st for st in all_stages if not stage_names or st.name in stage_names]

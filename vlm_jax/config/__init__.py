@@ -5,7 +5,7 @@ dataclasses strictly and validates them; every mistake is a one-line `ConfigErro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vlm_jax.config.data import (DataConfig, ImageConfig, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig,
                                  validate_data)
@@ -14,8 +14,9 @@ from vlm_jax.config.loader import (apply_overrides, check, deep_merge, from_dict
 from vlm_jax.config.mesh import DistributedConfig, MeshConfig, validate_mesh
 from vlm_jax.config.model import (ConnectorConfig, MllamaVisionConfig, ModelConfig, RopeScaling, TextConfig,
                                   TextEncoderConfig, ViTConfig, load_model_config, validate_model)
-from vlm_jax.config.train import (CheckpointConfig, DpoConfig, LogConfig, LrGroup, OptimizerConfig, RewardConfig,
-                                  ScheduleConfig, StageConfig, SyntheticDataConfig, TrainConfig, validate_train)
+from vlm_jax.config.train import (STAGE_KINDS, CheckpointConfig, DpoConfig, LogConfig, LrGroup, OptimizerConfig,
+                                  RewardConfig, SampleStageConfig, ScheduleConfig, StageConfig, SweepConfig,
+                                  SyntheticDataConfig, TrainConfig, validate_train)
 from vlm_jax.errors import ConfigError
 from vlm_jax.paths import user_path
 
@@ -42,7 +43,8 @@ def validate(cfg: Config):
         user_path(cfg.workdir, "workdir")  # an unknown scheme stops here, named
     validate_mesh(cfg.mesh, cfg.distributed)
     validate_train(cfg.train)
-    objectives = {cfg.train.objective, *(stage.objective for stage in cfg.train.stages)}
+    # A reward_model stage trains its own model, which has the head.
+    objectives = {cfg.train.objective, *(stage.objective for stage in cfg.train.stages if stage.kind == "train")}
     check("reward" not in objectives or cfg.model.reward_head,
           "train.objective 'reward' trains the scalar reward head, which the model lacks; set model.reward_head=true")
     if cfg.train.synthetic.enabled:
@@ -53,8 +55,45 @@ def validate(cfg: Config):
                   f"none; remove it (stages vary generated batches with train.stages[{i}].synthetic)")
     if cfg.data.sources:
         validate_data(cfg.data)
+        _check_stage_outputs(cfg.data, (), "data")
         for i, stage in enumerate(cfg.train.stages):
-            stage_data_config(cfg.data, stage.data, f"train.stages[{i}].data")
+            where = f"train.stages[{i}].data"
+            samples = tuple(s.name for s in cfg.train.stages[:i] if s.kind == "sample")
+            _check_stage_outputs(stage_data_config(cfg.data, stage.data, where), samples, where)
+
+
+# Recipe stages that are no training of the run's model keep their outputs in <workdir>/stages/<name>/.
+STAGES_DIR = "stages"
+SAMPLED_DATA_FILE = "data.jsonl"  # what a `kind: sample` stage (and `vlm-jax sample`) writes
+
+
+def stage_output_dir(workdir: str, stage: str):
+    return user_path(workdir, "workdir") / STAGES_DIR / stage
+
+
+def _check_stage_outputs(data: DataConfig, samples: tuple[str, ...], where: str):
+    for kind in ("sources", "eval_sources"):
+        for i, source in enumerate(getattr(data, kind)):
+            check(not source.stage or source.stage in samples,
+                  f"{where}.{kind}[{i}].stage: '{source.stage}' is no earlier stage of kind sample"
+                  + (f" (those are: {', '.join(samples)})" if samples else ""))
+
+
+def with_stage_outputs(cfg: Config) -> Config:
+    """`cfg` with every stage source that reads a sample stage's output (`stage: NAME`) given its path in the
+    workdir; unchanged without a workdir (a plan reads no data)."""
+    if not cfg.workdir:
+        return cfg
+
+    def resolved(source: dict) -> dict:
+        if not source.get("stage") or source.get("path"):
+            return source
+        return {**source, "path": str(stage_output_dir(cfg.workdir, source["stage"]) / SAMPLED_DATA_FILE)}
+
+    stages = tuple(replace(st, data={**st.data, **{k: [resolved(s) for s in st.data[k]] for k in ("sources", "eval_sources")
+                                                    if isinstance(st.data.get(k), list)}})
+                   if st.data else st for st in cfg.train.stages)
+    return replace(cfg, train=replace(cfg.train, stages=stages))
 
 
 def stage_data_config(data: DataConfig, overrides: dict | None, where: str = "stage data") -> DataConfig:
@@ -77,11 +116,12 @@ def load_config(path: str | None = None, overrides: list[str] = (), cls=Config, 
         data["data"] = {**data["data"], "sources": []}  # the root default: no sources
     cfg = from_dict(cls, data)
     validate(cfg)
-    return cfg
+    return with_stage_outputs(cfg) if cls is Config else cfg
 
 
 __all__ = [
-    "Config", "ConfigError", "load_config", "validate", "stage_data_config", "load_model_config", "from_dict",
+    "Config", "ConfigError", "load_config", "validate", "stage_data_config", "with_stage_outputs", "stage_output_dir",
+    "STAGES_DIR", "SAMPLED_DATA_FILE", "STAGE_KINDS", "SweepConfig", "SampleStageConfig", "load_model_config", "from_dict",
     "to_dict", "deep_merge", "parse_override", "apply_overrides", "read_yaml", "check",
     "ModelConfig", "MllamaVisionConfig", "TextConfig", "ViTConfig", "ConnectorConfig", "TextEncoderConfig",
     "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "DpoConfig", "RewardConfig", "StageConfig",

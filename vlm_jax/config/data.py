@@ -25,6 +25,9 @@ class SourceConfig:
     split: str = "train"  # embedded/tfds split ("train", "test", tfds slicing like "train[:90%]")
     weight: float = 1.0  # relative share in the training mixture
     size: int = 0  # embedded procedural tasks: examples in the split (0 = the task default)
+    # jsonl, in a recipe stage's data: the dataset an earlier `kind: sample` stage of the same run wrote (its
+    # data.jsonl under <workdir>/stages/<stage>/), instead of `path`.
+    stage: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,10 @@ class DataConfig:
 def _validate_source(s: SourceConfig, where: str):
     SOURCES.get(s.kind, f"{where}.kind")
     check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
-    check(s.kind not in ("jsonl", "tfds") or bool(s.path),
-           f"{where}.path must be set for a {s.kind} source ({'the .jsonl file' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
+    check(s.kind not in ("jsonl", "tfds") or bool(s.path) or (s.kind == "jsonl" and bool(s.stage)),
+           f"{where}.path must be set for a {s.kind} source ({'the .jsonl file, or `stage:` the recipe stage that writes it' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
+    check(not s.stage or s.kind == "jsonl", f"{where}.stage names a recipe stage's output, which only a jsonl source reads; "
+          f"set kind: jsonl or remove stage")
     for key in ("path", "image_root"):
         if getattr(s, key):
             user_path(getattr(s, key), f"{where}.{key}")  # an unknown scheme stops here, named

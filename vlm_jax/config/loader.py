@@ -167,13 +167,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`data` with each dotted.key=value set; a number indexes a list (train.stages.2.steps=10)."""
     data = dict(data)
     for item in overrides:
         keys, value = parse_override(item)
         node = data
-        for k in keys[:-1]:
-            child = node.get(k)
-            node[k] = dict(child) if isinstance(child, dict) else {}
+        for depth, k in enumerate(keys):
+            if isinstance(node, list):
+                if not (k.isdigit() and int(k) < len(node)):
+                    raise ConfigError(f"override '{item}': '{'.'.join(keys[:depth])}' is a list of {len(node)}; "
+                                      f"'{k}' is not an index into it")
+                k = int(k)
+            if depth == len(keys) - 1:
+                node[k] = value
+                break
+            child = node[k] if isinstance(node, list) else node.get(k)
+            node[k] = dict(child) if isinstance(child, dict) else list(child) if isinstance(child, list) else {}
             node = node[k]
-        node[keys[-1]] = value
     return data

@@ -82,9 +82,48 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """A stage trained several times from the same start, then souped (Llama 3-V's SFT: a sweep of learning rates
+    or data, the top models averaged). Each variant runs in <workdir>/stages/<stage>/<i>; the soup becomes the
+    run's parameters at the stage's end, with a fresh optimizer state."""
+    # One mapping per variant: dotted keys of the variant's run config and their values, e.g.
+    # {train.schedule.learning_rate: 3.0e-4} or {data.seed: 1}.
+    variants: tuple[dict[str, Any], ...] = ()
+    soup: str = "greedy"  # average | greedy | max (vlm_jax/infer/soup.py)
+    eval_examples: int = 32  # held-out records of each data.eval_sources entry that rank the variants and soups
+
+
+@dataclass(frozen=True)
+class SampleStageConfig:
+    """Rejection sampling (a stage of kind `sample`): answers of the run's current model to the stage's
+    data.sources prompts, the best of `num_samples` per prompt kept (see `vlm-jax sample`)."""
+    verifier: str = ""  # "exact_match": keep an answer equal to the reference; or give reward_model
+    reward_model: str = ""  # an earlier `kind: reward_model` stage whose model scores the answers
+    threshold: float | None = None  # reward_model: keep only a best score above this (None: every best answer)
+    num_samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    limit: int = 0  # prompts read from each source (0 = all)
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    seed: int = 0
+
+
+STAGE_KINDS = ("train", "reward_model", "sample")
+
+
+@dataclass(frozen=True)
 class StageConfig:
-    """One recipe stage; fields left unset inherit the `train:` values."""
+    """One recipe stage; fields left unset inherit the `train:` values.
+
+    kind `train` trains the run's model for `steps` global steps (with `sweep`: each variant does, then they are
+    souped). `reward_model` trains a separate reward model for `steps` steps in <workdir>/stages/<name>, starting
+    from the run's current parameters plus a zero reward head (model.reward_head; objective `reward`); `sample`
+    writes a rejection-sampled SFT dataset to <workdir>/stages/<name>/data.jsonl. Neither moves the run's step;
+    both run under `vlm-jax train` between the stages around them."""
     name: str = ""
+    kind: str = "train"
     steps: int = 0
     trainable: tuple[str, ...] | None = None
     frozen: tuple[str, ...] | None = None
@@ -96,6 +135,9 @@ class StageConfig:
     objective: str | None = None  # e.g. "dpo" for a preference stage
     dpo: DpoConfig | None = None
     reward: RewardConfig | None = None
+    sweep: SweepConfig | None = None
+    sample: SampleStageConfig | None = None
+    eval_every: int | None = None  # this stage's train.eval_every (e.g. only the preference stages evaluate)
 
 
 @dataclass(frozen=True)
@@ -163,6 +205,31 @@ def _validate_objective(objective: str | None, dpo: DpoConfig | None, reward: Re
         check(reward.drift_weight >= 0, f"{where}.reward.drift_weight must be >= 0, got {reward.drift_weight}")
 
 
+def _validate_sweep(s: SweepConfig, where: str):
+    check(len(s.variants) >= 2, f"{where}.variants: {len(s.variants)} given; a sweep needs at least 2")
+    check(s.soup in ("average", "greedy", "max"), f"{where}.soup: '{s.soup}' is not one of average, greedy, max")
+    check(s.eval_examples > 0 or s.soup == "average",
+          f"{where}.eval_examples must be positive: soup '{s.soup}' ranks the variants by held-out accuracy")
+    for j, variant in enumerate(s.variants):
+        for key in variant:
+            check(key.split(".")[0] in ("train", "data", "seed"),
+                  f"{where}.variants[{j}]: '{key}' is not a train.*, data.* or seed key (a variant changes how the "
+                  "stage trains, not the model or the run)")
+
+
+def _validate_sample(s: SampleStageConfig, earlier: list[str], kinds: list[str], where: str):
+    check(bool(s.verifier) != bool(s.reward_model),
+          f"{where}: give exactly one of verifier (exact_match) and reward_model (an earlier reward_model stage)")
+    check(not s.verifier or s.verifier == "exact_match", f"{where}.verifier: '{s.verifier}' is unknown; use exact_match")
+    check(not s.reward_model or (s.reward_model in earlier and kinds[earlier.index(s.reward_model)] == "reward_model"),
+          f"{where}.reward_model: '{s.reward_model}' is no earlier stage of kind reward_model")
+    check(s.threshold is None or bool(s.reward_model), f"{where}.threshold applies to reward_model scores only")
+    check(s.num_samples > 0 and s.max_new_tokens > 0 and s.batch_size > 0 and s.limit >= 0,
+          f"{where}: num_samples, max_new_tokens and batch_size must be positive and limit >= 0")
+    check(s.temperature > 0 or s.num_samples == 1,
+          f"{where}: num_samples {s.num_samples} at temperature 0 draws one greedy answer each time; set temperature > 0")
+
+
 def validate_train(t: TrainConfig):
     check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")  # > 0 without stages: checked by `train`
     check(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
@@ -182,9 +249,27 @@ def validate_train(t: TrainConfig):
         user_path(t.init_from, "train.init_from")  # an unknown scheme stops here, named
     _check_regexes(t.trainable + t.frozen + t.optimizer.no_decay, "train")
     _check_regexes([g.pattern for g in t.optimizer.lr_groups], "train.optimizer.lr_groups")
+    names = [st.name for st in t.stages]
     for i, st in enumerate(t.stages):
         where = f"train.stages[{i}]"
-        check(st.steps > 0, f"{where}.steps must be positive, got {st.steps}")
+        check(st.kind in STAGE_KINDS, f"{where}.kind: '{st.kind}' is not one of {STAGE_KINDS}")
+        check(i > 0 or st.kind == "train", f"{where} is a '{st.kind}' stage, which needs a model trained by an earlier "
+              "stage; put a train stage first")
+        check(st.kind == "sample" or st.steps > 0, f"{where}.steps must be positive, got {st.steps}")
+        check(st.eval_every is None or st.eval_every >= 0, f"{where}.eval_every must be >= 0, got {st.eval_every}")
+        check(st.kind != "sample" or (st.steps == 0 and st.sample is not None),
+              f"{where} is a sample stage: give its `sample:` settings and no steps")
+        check(st.sample is None or st.kind == "sample", f"{where}.sample applies to `kind: sample` stages only")
+        check(st.sweep is None or st.kind == "train", f"{where}.sweep applies to `kind: train` stages only")
+        check(st.kind != "reward_model" or st.objective in (None, "reward"),
+              f"{where} trains a reward model (objective reward); remove objective '{st.objective}'")
+        check(st.kind == "train" or st.name, f"{where} ({st.kind}) needs a name: its output lives in <workdir>/stages/<name>")
+        check(not st.name or names.index(st.name) == i, f"{where}.name '{st.name}' is already train.stages["
+              f"{names.index(st.name)}]'s; stage names must be unique")
+        if st.sweep is not None:
+            _validate_sweep(st.sweep, f"{where}.sweep")
+        if st.sample is not None:
+            _validate_sample(st.sample, names[:i], [s.kind for s in t.stages[:i]], f"{where}.sample")
         if st.schedule is not None:
             _validate_schedule(st.schedule, f"{where}.schedule")
         _check_regexes((st.trainable or ()) + (st.frozen or ()), where)

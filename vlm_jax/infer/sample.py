@@ -16,16 +16,17 @@ import jax
 import numpy as np
 from PIL import Image
 
+from vlm_jax.config import SAMPLED_DATA_FILE as DATA_FILE
+from vlm_jax.config import DataConfig, SourceConfig
 from vlm_jax.data import decode_image
 from vlm_jax.data.bad_records import BadRecord
 from vlm_jax.data.sources.jsonl import format_record
 from vlm_jax.infer.answer import Answerer
-from vlm_jax.infer.evaluate import skipped_note, text_table
-from vlm_jax.infer.score import Scorer
+from vlm_jax.infer.evaluate import read_sources, skipped_note, source_label, text_table
+from vlm_jax.infer.score import Scorer, load_scorer
 from vlm_jax.infer.vqa import exact_match
 from vlm_jax.paths import write_atomic
 
-DATA_FILE = "data.jsonl"
 IMAGE_DIR = "images"  # embedded (in-memory) images are written here as PNG files, referenced relatively
 
 # (records, answers, reference answers) -> one score per answer (higher is better), None for one that cannot be
@@ -64,6 +65,26 @@ def reward_model_scores(scorer: Scorer) -> ScoreFn:
         scores = dict(zip(usable, scorer.score([rows[i] for i in usable])))
         return [scores[i]["score"] if i in scores else None for i in range(len(rows))]
     return score
+
+
+def judge(verifier: str, reward_checkpoint: str, threshold: float | None, tokenizer: str, data: DataConfig,
+          batch_size: int) -> tuple[ScoreFn, float]:
+    """(score function, threshold a best score must clear): the exact-match verifier (scores 1 or 0), or the
+    reward model at `reward_checkpoint` (every best answer kept when `threshold` is None)."""
+    if verifier:
+        return exact_match_scores, 0.5
+    scorer = load_scorer(reward_checkpoint, tokenizer, data, batch_size=batch_size)
+    return reward_model_scores(scorer), float("-inf") if threshold is None else threshold
+
+
+def sample_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int, score: ScoreFn,
+                   threshold: float, num_samples: int, seed: int) -> list[SampleResult]:
+    """`rejection_sample` of the first `limit` records of each source (0 = all)."""
+    # Every record is read (and its images decoded) before the first is answered: bad data stops early.
+    read = read_sources(answerer, sources, limit)
+    draw = answerer_draw(answerer, seed)
+    return [rejection_sample(source_label(s), records, draw, score, num_samples, threshold, skipped)
+            for s, (records, skipped) in zip(sources, read)]
 
 
 def answerer_draw(answerer: Answerer, seed: int) -> DrawFn:

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.config import SourceConfig
+from vlm_jax.config import DataConfig, SourceConfig
 from vlm_jax.convert.processor import keep_processor_files, kept_processor_dir
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import UserError
-from vlm_jax.infer.answer import Answerer, restore_sharded, tokenizer_path
+from vlm_jax.infer.answer import Answerer, load_answerer, restore_sharded, tokenizer_path
 from vlm_jax.infer.evaluate import SourceResult, evaluate_read, read_sources, text_table
 from vlm_jax.paths import user_path, write_atomic
 from vlm_jax.train import checkpoint
@@ -152,6 +152,20 @@ def make_soup(paths: Sequence[str], method: str, score: Callable[..., Score] | N
     if method == "average" and score:
         best_score = score(params)
     return Soup(params, order[0], [i in kept for i in range(len(paths))], scores, best_score)
+
+
+def soup_checkpoints(paths: Sequence[str], method: str, eval_data: DataConfig | None, limit: int = 0,
+                     tokenizer: str = "", **answer_settings) -> Soup:
+    """The `method` soup of the checkpoints at `paths`, ranked (when `eval_data` is given) by the held-out
+    accuracy on the first `limit` records of each of its eval_sources; `answer_settings` go to the Answerer."""
+    check_method(method, eval_data is not None)
+    check_ingredients(paths)
+    score = None
+    if eval_data is not None:
+        answerer = load_answerer(paths[0], tokenizer or eval_data.tokenizer, eval_data, restore=False,
+                                 **answer_settings)
+        score = answer_scorer(answerer, eval_data.eval_sources, limit)
+    return make_soup(paths, method, score)
 
 
 def write_soup(out, params, source: str):

@@ -18,7 +18,7 @@ from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import check_writable, user_path
 from vlm_jax.families import abstract_params, get_family, init_params
 from vlm_jax.models.attention import resolved_model
-from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, needs_reference
+from vlm_jax.objectives import REFERENCE_LOGPS, get_objective, is_paired, needs_reference
 from vlm_jax.registry import EVALUATORS
 from vlm_jax.train import checkpoint, flops
 from vlm_jax.train import optimizer as opt
@@ -54,8 +54,18 @@ class Trainer:
         self.cfg, self.echo = cfg, echo
         self.stages = resolve_stages(cfg.train)
         self.end = total_steps(cfg.train, self.stages)
+        self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
+        # vlm_jax/recipe.py trains a sweep, with this run cut at its start, and commits the soup at its end.
+        committed = max(checkpoint.committed_steps(self.ckpt_dir), default=0)
+        for stage in self.stages:
+            if stage.sweep and stage.start < self.end and committed < stage.end:
+                raise ConfigError(f"stage '{stage.name}' (step {stage.start}) sweeps {len(stage.sweep.variants)} "
+                                  "variants, which the recipe runner trains; run the config with `vlm-jax train`")
         self.family = get_family(cfg.model)
-        self.data = open_train_data(cfg, self.stages, self.family, echo)  # data errors before the model is built
+        # Data errors before the model is built; only the stages this run trains (a later stage may read what the
+        # recipe has not written yet).
+        self.data = open_train_data(cfg, [s for s in self.stages if s.trains_in_place and s.start < self.end]
+                                    or self.stages[:1], self.family, echo)
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
         self.rules = sharding.load_rules(cfg.mesh.rules)
         self.model = self.family.build(resolved_model(cfg.model, jax.default_backend(), cfg.data.packing.enabled,
@@ -63,7 +73,6 @@ class Trainer:
         self.abstract_boxed = abstract_params(self.model)
         self.abstract_params = nn.meta.unbox(self.abstract_boxed)
         self.plans = {}
-        self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
         # A DPO stage's frozen reference params (never updated) and its jitted answer log-probs.
         self.reference = self.reference_logps = None
 
@@ -186,6 +195,29 @@ class Trainer:
             train_state={"step": step, "rng": np.asarray(state.rng).tolist(), "stage": owner,
                          "nonfinite_streak": int(state.nonfinite_streak),
                          "nonfinite_total": int(state.nonfinite_total)})
+
+    def commit_params(self, params, stage: Stage):
+        """Ends `stage` (a sweep; this run stops at its start) with `params`: the newest checkpoint, at the stage's
+        start, is saved again at its end with these parameters and a fresh optimizer state of the stage."""
+        mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=self.cfg.train.checkpoint.max_to_keep,
+                                       keep_every=self.cfg.train.checkpoint.keep_every, async_save=False)
+        try:
+            restored = self.restore(mgr)
+            found = int(restored[0].step) if restored else None
+            if found != stage.start:
+                raise checkpoint.CheckpointError(
+                    f"stage '{stage.name}' sweeps from step {stage.start}, but the newest checkpoint in "
+                    f"{self.ckpt_dir} is {'none' if found is None else f'step {found}'}; use the workdir the sweep "
+                    "started in")
+            state, _, data_iter = restored
+            plan = self.plan(stage)
+            params = jax.device_put(params, plan.shardings.params)
+            state = state.replace(params=params, step=jax.device_put(np.int32(stage.end), state.step.sharding),
+                                  opt_state=init_opt_state(plan.tx, params, plan.trainable, plan.shardings.opt_state))
+            self.save(mgr, state, stage.index, data_iter)
+            mgr.wait_until_finished()
+        finally:
+            mgr.close()
 
     def reference_dir(self, stage: Stage):
         return self.ckpt_dir.parent / "reference" / str(stage.index)
@@ -328,7 +360,7 @@ class Trainer:
                     if record is not None:
                         logger.write(record)
                 pending = (step, metrics, step_flops)
-                eval_due = bool(train.eval_every and step % train.eval_every == 0)
+                eval_due = bool(stage.eval_every and step % stage.eval_every == 0)
                 stopping = stop.agreed()  # collective: every process stops after the same step, or none does
                 save_due = step % train.checkpoint.every_steps == 0 or step == stage_end or stopping
                 if not (eval_due or save_due):
@@ -352,10 +384,9 @@ class Trainer:
             profiler.stop()
         return state, step, data_iter
 
-    def _log_due(self, step: int, stage_end: int, stopping) -> bool:
-        train = self.cfg.train
-        return bool(step % train.log.every_steps == 0 or step == stage_end or stopping
-                    or (train.eval_every and step % train.eval_every == 0))
+    def _log_due(self, step: int, stage: Stage, stage_end: int, stopping) -> bool:
+        return bool(step % self.cfg.train.log.every_steps == 0 or step == stage_end or stopping
+                    or (stage.eval_every and step % stage.eval_every == 0))
 
     def _record(self, pending, timing, stage, stage_end, stopping, tokens, peak, n_devices, result) -> dict | None:
         """Reads a dispatched step's metrics (waiting for it), stops on a NaN/Inf streak, and returns its log
@@ -370,7 +401,7 @@ class Trainer:
                 f"{int(metrics['nonfinite_streak'])} consecutive steps up to {step} had a non-finite loss "
                 f"or gradient (updates skipped); lower the learning rate or check the data, then resume "
                 f"from the last checkpoint")
-        if not self._log_due(step, stage_end, stopping):
+        if not self._log_due(step, stage, stage_end, stopping):
             return None
         step_time, step_flops = timing.take()
         return dict(
@@ -398,7 +429,9 @@ class Trainer:
         """Metrics logged beside eval_loss: the data's own (contrastive retrieval recall@k), and with
         `train.eval_examples` the exact-match accuracy of greedy answers to that many held-out records."""
         metrics = self.data.eval_metrics(self.model, params, stage.index, self.mesh, self.rules)
-        if self.cfg.train.eval_examples:
+        # Answers are to SFT records; a stage of preference pairs logs its objective's held-out metrics instead.
+        if self.cfg.train.eval_examples and not is_paired(get_objective(self.cfg.model,
+                                                                         stage_train_config(self.cfg.train, stage))):
             evaluator = EVALUATORS.get(ANSWER_ACCURACY)
             metrics.update(evaluator(self.model, params, self.data, stage.index, self.cfg.train.eval_examples,
                                      self.mesh, self.rules))

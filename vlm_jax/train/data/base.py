@@ -72,8 +72,9 @@ class StagedSourcesData(TrainData):
             raise ConfigError(f"data.sources is empty; list the training sources (e.g. data.sources='[{{kind: "
                               "embedded, name: digits_qa}]') or set train.synthetic.enabled=true for generated batches")
         self.configs = {s.index: stage_data_config(cfg.data, s.data, f"train.stages[{s.index}].data") for s in stages}
-        for index, data in self.configs.items():
-            if cfg.train.eval_every and not data.eval_sources:
+        for stage in stages:
+            data, index = self.configs[stage.index], stage.index
+            if stage.eval_every and not data.eval_sources:
                 where = "data" if index == 0 else f"train.stages[{index}].data"
                 raise ConfigError(f"train.eval_every is set but {where}.eval_sources is empty; list held-out "
                                   "sources (e.g. the embedded task's split: test) or set train.eval_every=0")

@@ -77,7 +77,8 @@ class PipelineData(StagedSourcesData):
                 return load_tokenizer(self.cfg.data.tokenizer), f"data.tokenizer={self.cfg.data.tokenizer}"
             except ValueError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
-        kinds = {s.kind for d in self.configs.values() for s in d.sources + d.eval_sources}
+        # A sample stage's records are this run's answers to embedded prompts: the tokenizer covers them too.
+        kinds = {s.kind for d in self.configs.values() for s in d.sources + d.eval_sources if not s.stage}
         if not kinds <= set(EMBEDDED_KINDS):
             raise ConfigError("data.tokenizer is empty; set it to a sentencepiece .model or an HF tokenizer.json "
                               "(one is trained automatically only when every source is an embedded task)")
