@@ -227,7 +227,7 @@ class Trainer:
         params checkpoint of step `stage.start`) to <workdir>/reference/<stage index> when it starts, and read
         back from there, so a resumed stage scores against bitwise the same reference."""
         directory, step = self.reference_dir(stage), int(state.step)
-        if not directory.is_dir():
+        if not checkpoint.committed_steps(directory):  # none yet, or a save cut short (an uncommitted step)
             if step != stage.start:
                 raise checkpoint.CheckpointError(
                     f"stage '{stage.name}' resumes at step {step} but its reference model {directory} (written when "
