@@ -212,7 +212,9 @@ def main() -> int:
 
         rows = trainer.data.global_batch(ours.stage.index)
         seq_len, num_images = trainer.data.sample_shape(ours.stage.index)
-        step_flops = rows * flops.train_flops_per_sample(cfg.model, seq_len, num_images, ours.plan.trainable)
+        # The timed steps cycle through the host batches; padded image slots are not billed (see flops.py).
+        step_flops = statistics.mean(flops.train_flops(cfg.model, h, ours.plan.trainable) * rows / len(h["input_ids"])
+                                     for h in host)
         peak = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
         n_devices = trainer.mesh.devices.size
         mfu = {k: step_flops / v / (peak.flops * n_devices) if peak.flops else None for k, v in step_s.items()}
