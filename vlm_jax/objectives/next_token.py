@@ -3,8 +3,8 @@
 logits[:, s-1] predicts input_ids[:, s], weighted by loss_mask[:, s]. With several chunks, each chunk's
 (B, chunk, V) logits exist only inside a rematerialised map body, so the full (tokens x vocab) logits are never
 held at once, forward or backward; a sequence that fits one chunk keeps its logits for the backward pass
-instead of computing them twice. All functions return SUMS over tokens; callers divide by the supervised-token count, which keeps
-gradient accumulation exact (token-weighted, not microbatch-averaged).
+instead of computing them twice. All functions return SUMS over tokens; callers divide by the supervised-token
+count, which keeps gradient accumulation exact (token-weighted, not microbatch-averaged).
 """
 from __future__ import annotations
 

@@ -118,5 +118,13 @@ def apply_learning_rates(directions: Mapping, factor, peaks: Mapping[str, float]
     return {p: (-peaks[p] * factor * d).astype(d.dtype) for p, d in directions.items()}
 
 
+def apply_update(tx, grads, opt_state, params, finite, factor, peaks: Mapping[str, float]):
+    """One step of `tx` (from `build_optimizer`) on the flat trainable params at learning rate `factor` x their
+    peaks: (new params, new state), both as they were unless `finite`."""
+    directions, opt_state = tx.update(grads, opt_state, params, finite=finite)
+    new = optax.apply_updates(params, apply_learning_rates(directions, factor, peaks))
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, params), opt_state
+
+
 def tree_bytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -85,14 +85,11 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
         grad_norm = optax.global_norm(grads)
         loss = sums.nll / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        directions, new_opt_state = tx.update(grads, state.opt_state, trainable_params, finite=finite)
         factor = factor_at(state.step - stage.start)
-        new_trainable = optax.apply_updates(trainable_params, opt.apply_learning_rates(directions, factor, peaks))
+        new_trainable, new_opt_state = opt.apply_update(tx, grads, state.opt_state, trainable_params, finite, factor,
+                                                        peaks)
         new_state = TrainState(
-            step=state.step + 1,
-            params=opt.merge(jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_trainable, trainable_params),
-                             frozen_params),
-            opt_state=new_opt_state, rng=state.rng,
+            step=state.step + 1, params=opt.merge(new_trainable, frozen_params), opt_state=new_opt_state, rng=state.rng,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         metrics = dict(loss=loss, z_loss=sums.z / denom, grad_norm=grad_norm,
