@@ -1,4 +1,5 @@
-"""Chunked cross-entropy equals the full-logits loss; optimizer masks, schedules and learning-rate groups."""
+"""Chunked cross-entropy equals the full-logits loss; optimizer masks, schedules, learning-rate groups, and the
+update equal to optax's chain with its non-finite guard."""
 import jax
 import jax.numpy as jnp
 import numpy as np

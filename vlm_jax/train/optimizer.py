@@ -105,7 +105,7 @@ def build_optimizer(cfg: OptimizerConfig, trainable: frozenset[str]) -> optax.Gr
         mu_c, nu_c = 1 - b1 ** count, 1 - b2 ** count
 
         def direction(path, m, v):
-            d = (m / mu_c.astype(m.dtype)) / (jnp.sqrt(v / nu_c.astype(v.dtype) + 0.0) + eps)
+            d = (m / mu_c.astype(m.dtype)) / (jnp.sqrt(v / nu_c.astype(v.dtype) + 0.0) + eps)  # + optax's eps_root
             return d + cfg.weight_decay * params[path] if decay_mask[path] else d  # as optax.add_decayed_weights
 
         directions = {p: direction(p, mu[p], nu[p]) for p in mu}
