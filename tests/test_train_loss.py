@@ -1,7 +1,9 @@
-"""Chunked cross-entropy equals the full-logits loss; optimizer masks, schedules and learning-rate groups."""
+"""Chunked cross-entropy equals the full-logits loss; optimizer masks, schedules, learning-rate groups, and the
+update equal to optax's chain with its non-finite guard."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from vlm_jax.config import LrGroup, OptimizerConfig, ScheduleConfig, TrainConfig, load_config
@@ -89,3 +91,23 @@ def test_train_cli_user_errors_are_one_line(capsys, tmp_path):
     assert err == ["vlm-jax train: error: workdir is not set; pass workdir=DIR (checkpoints and metrics go there)",
                    "vlm-jax train: error: train.steps must be positive (or give train.stages); e.g. train.steps=100",
                    "vlm-jax train: error: train.microbatches (3) must divide train.batch_size (8)"]
+
+
+@pytest.mark.parametrize("clip_norm", [1.0, 100.0, 0.0])  # clipping, clipping on but not reached, no clipping
+def test_optimizer_update_equals_optax_chain_and_its_guard_keeps_the_state(clip_norm):
+    cfg = OptimizerConfig(clip_norm=clip_norm)
+    rng = np.random.default_rng(0)
+    shapes = {"text/decoder/layer_1/mlp/gate_proj/kernel": (2, 8, 16), "text/norm/scale": (8,)}
+    params = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+    grads = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+    decay = {p: not opt.full_match(p, cfg.no_decay) for p in params}
+    chain = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), optax.add_decayed_weights(cfg.weight_decay, decay)]
+    reference, tx = optax.chain(*chain), opt.build_optimizer(cfg, frozenset(params))
+    state = ref_state = tx.init(params)
+    for _ in range(2):  # the second step starts from non-zero moments
+        ref_directions, ref_state = jax.jit(reference.update)(grads, ref_state, params)
+        directions, state = jax.jit(tx.update)(grads, state, params)
+        jax.tree.map(np.testing.assert_array_equal, (directions, state), (ref_directions, ref_state))
+    _, kept = jax.jit(tx.update)(jax.tree.map(lambda g: g * jnp.nan, grads), state, params, finite=jnp.bool_(False))
+    jax.tree.map(np.testing.assert_array_equal, kept, state)

@@ -1,9 +1,10 @@
 """Next-token cross-entropy over supervised tokens, computed in sequence chunks from the final hidden states.
 
-logits[:, s-1] predicts input_ids[:, s], weighted by loss_mask[:, s]. Each chunk's (B, chunk, V) logits exist
-only inside a rematerialised map body, so the full (tokens x vocab) logits are never held at once, forward
-or backward. All functions return SUMS over tokens; callers divide by the supervised-token count, which keeps
-gradient accumulation exact (token-weighted, not microbatch-averaged).
+logits[:, s-1] predicts input_ids[:, s], weighted by loss_mask[:, s]. With several chunks, each chunk's
+(B, chunk, V) logits exist only inside a rematerialised map body, so the full (tokens x vocab) logits are never
+held at once, forward or backward; a sequence that fits one chunk keeps its logits for the backward pass
+instead of computing them twice. All functions return SUMS over tokens; callers divide by the supervised-token
+count, which keeps gradient accumulation exact (token-weighted, not microbatch-averaged).
 """
 from __future__ import annotations
 
@@ -69,14 +70,15 @@ def chunked_row_sums(hidden, kernel, targets, weights, chunk: int, compute_dtype
     def chunks(x):  # (B, n*chunk, ...) -> (n, B, chunk, ...)
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
     def one_chunk(args):
         h_c, t_c, w_c = args
         # Same arithmetic as the model's lm_head (compute dtype, then fp32), so both losses agree.
         logits = jnp.einsum("bsh,hv->bsv", h_c.astype(compute_dtype), kernel.astype(compute_dtype))
         return _token_sums(logits.astype(jnp.float32), t_c, w_c)
 
-    per_chunk = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets), chunks(weights)))
+    if n == 1:  # holding one chunk's logits for the backward pass costs no more memory than recomputing them
+        return one_chunk((hidden, targets, weights))
+    per_chunk = jax.lax.map(jax.checkpoint(one_chunk), (chunks(hidden), chunks(targets), chunks(weights)))
     return LossSums(*(jnp.sum(x, axis=0) for x in per_chunk[:3]))
 
 

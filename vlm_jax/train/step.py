@@ -55,10 +55,17 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    def denominator(sums):
+        return jnp.maximum(sums.weight, 1.0)
+
     def gradients(trainable_params, frozen_params, batch):
+        """Gradients of the loss per unit (sum / supervised units), and the sums."""
         if train.microbatches == 1:
-            (_, sums), grads = grad_fn(trainable_params, frozen_params, batch)
-            return grads, sums
+            # Seeding the backward pass with 1/denominator yields the per-unit gradients directly, sparing a
+            # pass that divides every gradient (its own memory-bound loop over all parameters on CPU).
+            loss, backward, sums = jax.vjp(lambda t: objective(t, frozen_params, batch), trainable_params,
+                                           has_aux=True)
+            return backward((1.0 / denominator(sums)).astype(loss.dtype))[0], sums
 
         def accumulate(carry, micro):
             sums, grads = carry
@@ -69,24 +76,20 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
         shapes = jax.eval_shape(objective, trainable_params, frozen_params, jax.tree.map(lambda v: v[0], micro))[1]
         zero = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), jax.tree.map(jnp.zeros_like, trainable_params))
         (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
-        return grads, sums
+        return jax.tree.map(lambda g: g / denominator(sums), grads), sums
 
     def step(state: TrainState, batch: dict):
         trainable_params, frozen_params = opt.split(state.params, trainable)
         grads, sums = gradients(trainable_params, frozen_params, batch)
-        denom = jnp.maximum(sums.weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        denom = denominator(sums)
         grad_norm = optax.global_norm(grads)
-        directions, new_opt_state = tx.update(grads, state.opt_state, trainable_params)
-        factor = factor_at(state.step - stage.start)
-        new_trainable = optax.apply_updates(trainable_params, opt.apply_learning_rates(directions, factor, peaks))
         loss = sums.nll / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        factor = factor_at(state.step - stage.start)
+        new_trainable, new_opt_state = opt.apply_update(tx, grads, state.opt_state, trainable_params, finite, factor,
+                                                        peaks)
         new_state = TrainState(
-            step=state.step + 1,
-            params=opt.merge(keep(new_trainable, trainable_params), frozen_params),
-            opt_state=keep(new_opt_state, state.opt_state), rng=state.rng,
+            step=state.step + 1, params=opt.merge(new_trainable, frozen_params), opt_state=new_opt_state, rng=state.rng,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         metrics = dict(loss=loss, z_loss=sums.z / denom, grad_norm=grad_norm,
