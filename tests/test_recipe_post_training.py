@@ -128,7 +128,7 @@ def test_tiny_recipe_runs_every_stage_and_a_sigkill_in_any_stage_resumes_exactly
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["train.stages.4.sample.reward_model=sft"], "train.stages[4].sample.reward_model: 'sft' is no earlier stage of kind reward_model"),
+    (["train.stages.4.sample.verifier=", "train.stages.4.sample.reward_model=sft"], "train.stages[4].sample.reward_model: 'sft' is no earlier stage of kind reward_model"),
     (["train.stages.5.data.sources.0.stage=dpo"], "train.stages[5].data.sources[0].stage: 'dpo' is no earlier stage of kind sample"),
     (["train.stages.2.sweep.variants=[{train.schedule.learning_rate: 1.0e-3}]"], "train.stages[2].sweep.variants: 1 given"),
     (["train.stages.2.sweep.variants.0={model.text.hidden_size: 64}"], "is not a train.*, data.* or seed key"),
