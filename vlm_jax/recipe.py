@@ -32,7 +32,7 @@ from vlm_jax.infer.evaluate import evaluate_sources, text_table
 from vlm_jax.infer.generate import Sampling
 from vlm_jax.infer.sample import DATA_FILE, judge, results_table, sample_sources, write_dataset
 from vlm_jax.infer.soup import soup_checkpoints, soup_row, soup_table
-from vlm_jax.paths import user_path, write_atomic
+from vlm_jax.paths import check_writable, user_path, write_atomic
 from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import RunResult, Trainer
 from vlm_jax.train.recipe import Stage, resolve_stages, total_steps
@@ -67,6 +67,7 @@ class Recipe:
     def __init__(self, cfg: Config, devices=None, echo=print):
         if not cfg.workdir:
             raise ConfigError("workdir is not set; pass workdir=DIR (checkpoints and metrics go there)")
+        check_writable(user_path(cfg.workdir, "workdir"), "workdir", folder=True)
         self.cfg, self.devices, self.echo = cfg, devices, echo
         self.stages = resolve_stages(cfg.train)
         self.end = total_steps(cfg.train, self.stages)
