@@ -108,5 +108,6 @@ def test_absent_data_mix_fails_fast_and_plans_need_only_shapes(tmp_path, capsys)
         open_train_data(load_config(recipe, [f"data.sources=[{{kind: jsonl, name: pretrain_pairs, "
                                              f"path: {missing}}}]"]), stages, family)
     planned = open_train_data(cfg, stages, family, hosts=8)  # no tokenizer, no data on this machine
-    assert [planned.global_batch(s.index) for s in stages] == [256, 256, 256]
+    # 32 rows per host of every stage (the preference stages' rows are 16 pairs) x the 8 hosts.
+    assert [planned.global_batch(s.index) for s in stages] == [256] * 7
     assert planned.example_batch(0)["input_ids"].shape == (32, 2048)
