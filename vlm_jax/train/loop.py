@@ -56,9 +56,10 @@ class Trainer:
         self.end = total_steps(cfg.train, self.stages)
         self.ckpt_dir = user_path(cfg.workdir, "workdir") / "checkpoints"
         # vlm_jax/recipe.py trains a sweep, with this run cut at its start, and commits the soup at its end.
-        committed = max(checkpoint.committed_steps(self.ckpt_dir), default=0)
-        for stage in self.stages:
-            if stage.sweep and stage.start < self.end and committed < stage.end:
+        sweeps = [s for s in self.stages if s.sweep and s.start < self.end]
+        committed = max(checkpoint.committed_steps(self.ckpt_dir), default=0) if sweeps else 0
+        for stage in sweeps:
+            if committed < stage.end:
                 raise ConfigError(f"stage '{stage.name}' (step {stage.start}) sweeps {len(stage.sweep.variants)} "
                                   "variants, which the recipe runner trains; run the config with `vlm-jax train`")
         self.family = get_family(cfg.model)
@@ -196,11 +197,16 @@ class Trainer:
                          "nonfinite_streak": int(state.nonfinite_streak),
                          "nonfinite_total": int(state.nonfinite_total)})
 
+    def manager(self, async_save: bool):
+        """The run's checkpoint manager, keeping what train.checkpoint says."""
+        kept = self.cfg.train.checkpoint
+        return checkpoint.train_manager(self.ckpt_dir, max_to_keep=kept.max_to_keep, keep_every=kept.keep_every,
+                                        async_save=async_save)
+
     def commit_params(self, params, stage: Stage):
         """Ends `stage` (a sweep; this run stops at its start) with `params`: the newest checkpoint, at the stage's
         start, is saved again at its end with these parameters and a fresh optimizer state of the stage."""
-        mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=self.cfg.train.checkpoint.max_to_keep,
-                                       keep_every=self.cfg.train.checkpoint.keep_every, async_save=False)
+        mgr = self.manager(async_save=False)
         try:
             restored = self.restore(mgr)
             found = int(restored[0].step) if restored else None
@@ -277,9 +283,7 @@ class Trainer:
         train = self.cfg.train
         init = self.init_source()  # a source that does not fit stops here, before the workdir is touched
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # creates nothing on an object store
-        mgr = checkpoint.train_manager(self.ckpt_dir, max_to_keep=train.checkpoint.max_to_keep,
-                                       keep_every=train.checkpoint.keep_every,
-                                       async_save=train.checkpoint.async_save)
+        mgr = self.manager(train.checkpoint.async_save)
         try:
             with StopSignal() as stop:  # from here on a signal waits for a step boundary (and its save)
                 restored = self.restore(mgr)
