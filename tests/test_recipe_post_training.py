@@ -1,5 +1,6 @@
 """The whole tiny recipe (configs/recipes/tiny_llama3v.yaml) under `vlm-jax train`, its steps cut to a few:
-pretrain -> anneal -> SFT sweep + greedy soup -> reward model -> rejection sampling -> SFT on the samples -> DPO.
+pretrain -> anneal -> SFT sweep + greedy soup -> reward model -> rejection sampling -> SFT on the samples (a sweep
+against SFT without them) -> DPO on the sampled pairs and synthetic ones.
 A second run is SIGKILLed in three stages (a sweep variant, the reward model, DPO) and run again each time; it
 ends with the uninterrupted run's soup, sampled data, accuracies and final parameters, bitwise. The config checks of
 the new stage kinds are one line each."""
@@ -25,7 +26,7 @@ from train_helpers import ROOT, final_params
 
 RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v.yaml")
 # Stage lengths: pretrain 6, anneal 2, each sweep variant 2 (the soup is step 10), reward model 2 (its own run),
-# sampling, SFT on the samples 2, DPO 2.
+# sampling, SFT on the samples 2 (a sweep too: the better variant is step 12), DPO 2.
 SHORT = ["train.stages.0.steps=6", "train.stages.1.steps=2", "train.stages.2.steps=2", "train.stages.3.steps=2",
          "train.stages.5.steps=2", "train.stages.6.steps=2",
          "train.stages.2.sweep.variants=[{train.schedule.learning_rate: 1.0e-3}, {train.schedule.learning_rate: 1.0e-4}]",
@@ -91,15 +92,27 @@ def test_tiny_recipe_runs_every_stage_and_a_sigkill_in_any_stage_resumes_exactly
 
     # The sampled dataset: one record per prompt (every best answer kept), read by the SFT stage after it.
     lines = (stages / "rejection_sampling" / "data.jsonl").read_text().splitlines()
-    assert len(lines) == 9  # 3 prompts of each of the stage's 3 sources
+    assert len(lines) == 12  # 3 prompts of each of the stage's 4 sources
     for line in lines:
         record = parse_record(line.encode(), stages / "rejection_sampling")
         assert record["turns"][-1][0] == "assistant" and record["turns"][-1][1]
         assert all(os.path.exists(image) for image in record["images"])
+    # Its pairs, which DPO reads: a kept answer against a lower-scored one.
+    pairs = (stages / "rejection_sampling" / "pairs.jsonl").read_text().splitlines()
+    assert 0 < len(pairs) <= 12
+    for line in pairs:
+        record = parse_record(line.encode(), stages / "rejection_sampling")
+        assert record["chosen"] != record["rejected"] and json.loads(line)["rejected_score"] < json.loads(line)["score"]
+
+    # SFT on the samples against SFT without them: the max "soup" is the better one, unchanged.
+    sampled_sft = json.loads((stages / "sft_sampled" / "soup.json").read_text())
+    [better] = [i for i, ingredient in enumerate(sampled_sft["ingredients"]) if ingredient["kept"]]
+    after_sampled_sft = final_params(reference, step=12)
+    variant = final_params(str(stages / "sft_sampled" / str(better)))
+    assert all(np.array_equal(after_sampled_sft[p], variant[p]) for p in variant)
 
     # DPO's frozen reference is the model the stage started from.
     dpo_reference = opt.flatten(checkpoint.restore_params(os.path.join(reference, "reference", "6")))
-    after_sampled_sft = final_params(reference, step=12)
     assert dpo_reference.keys() == after_sampled_sft.keys()
     assert all(np.array_equal(dpo_reference[p], after_sampled_sft[p]) for p in dpo_reference)
 
@@ -118,7 +131,7 @@ def test_tiny_recipe_runs_every_stage_and_a_sigkill_in_any_stage_resumes_exactly
         want, got = final_params(reference, step=step), final_params(workdir, step=step)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"step {step}: {name}")
-    for name in ("rejection_sampling/data.jsonl", "accuracy.json"):
+    for name in ("rejection_sampling/data.jsonl", "rejection_sampling/pairs.jsonl", "accuracy.json"):
         assert (tmp_path / "killed" / "stages" / name).read_text() == (stages / name).read_text()
 
     # Once more: nothing is trained, sampled or souped again.
@@ -137,6 +150,7 @@ def test_tiny_recipe_runs_every_stage_and_a_sigkill_in_any_stage_resumes_exactly
     (["train.stages.0.kind=sample"], "train.stages[0] is a 'sample' stage, which needs a model trained by an earlier stage"),
     (["train.stages.1.name=pretrain"], "train.stages[1].name 'pretrain' is already train.stages[0]'s"),
     (["train.stages.5.data.sources.0.kind=embedded"], "train.stages[5].data.sources[0].stage names a recipe stage's output"),
+    (["train.stages.6.data.sources.0.stage_output=best"], "train.stages[6].data.sources[0].stage_output 'best' is none of answers, pairs"),
 ])
 def test_bad_recipe_stages_are_one_line(tmp_path, capsys, overrides, needle):
     assert cli.main(["train", "--config", RECIPE, f"workdir={tmp_path}", *overrides]) == 2

@@ -1,5 +1,6 @@
-"""Rejection sampling (`vlm-jax sample`): each prompt's best answer is kept only when it clears the bar, the N
-samples are distinct draws, and the written dataset reads back through the jsonl source."""
+"""Rejection sampling (`vlm-jax sample`): each prompt's best answer is kept only when it clears the bar, paired
+with the prompt's worst answer when that scored lower, the N samples are distinct draws, and the written answers
+and pairs read back through the jsonl source."""
 import json
 
 import jax
@@ -33,8 +34,13 @@ def test_verifier_keeps_only_correct_answers_once_per_prompt():
     # prompt 0: two correct answers, the first kept once; prompt 1: none correct; prompt 2: one correct
     assert [k["record"]["turns"] for k in result.kept] == [[("user", "q0"), ("assistant", "three")],
                                                           [("user", "q2"), ("assistant", "seven")]]
-    assert result.row() == {"source": "t", "prompts": 3, "samples": 9, "kept": 2, "fraction_kept": 2 / 3,
+    # each against its prompt's last wrong answer (the empty one is no answer)
+    assert [(k["rejected"], k["rejected_score"]) for k in result.kept] == [("2", 0.0), ("1", 0.0)]
+    assert result.row() == {"source": "t", "prompts": 3, "samples": 9, "kept": 2, "pairs": 2, "fraction_kept": 2 / 3,
                             "mean_best_score": 2 / 3, "skipped": 2}
+    all_right = rejection_sample("t", RECORDS[:1], _fake_draw([["3"], ["three"]]), exact_match_scores, num_samples=2,
+                                 threshold=0.5)
+    assert [k["rejected"] for k in all_right.kept] == [None] and all_right.pairs == 0  # no lower-scored answer
 
 
 def test_reward_keeps_the_best_answer_above_the_threshold():
@@ -46,7 +52,7 @@ def test_reward_keeps_the_best_answer_above_the_threshold():
         return [scores[a] for a in answers]
 
     result = rejection_sample("t", RECORDS, draw, score, num_samples=2, threshold=0.0)
-    assert [(k["record"]["turns"][-1][1], k["score"]) for k in result.kept] == [("aa", 0.9)]
+    assert [(k["record"]["turns"][-1][1], k["score"], k["rejected"]) for k in result.kept] == [("aa", 0.9, "a")]
     assert result.best_scores == [0.9, -0.5]
     everything = rejection_sample("t", RECORDS, draw, score, num_samples=2, threshold=float("-inf"))
     assert [k["record"]["turns"][-1][1] for k in everything.kept] == ["aa", "bb"]
@@ -98,8 +104,9 @@ def test_written_dataset_reads_back_through_the_jsonl_source(tmp_path):
                                                                  ("assistant", "red")]}
     kept = [answered(embedded[0], "7"), answered(embedded[1], "one"), answered(on_disk, "red, \"quoted\"\nline")]
     out = tmp_path / "out"
-    written = write_dataset(out, [SampleResult("a", 2, 4, [{"record": r, "score": 1.0} for r in kept[:2]], []),
-                                  SampleResult("b", 1, 2, [{"record": kept[2], "score": 0.5}], [])])
+    rejected = [None, "two", "blue"]
+    entries = [{"record": r, "score": 1.0, "rejected": x, "rejected_score": 0.0} for r, x in zip(kept, rejected)]
+    written = write_dataset(out, [SampleResult("a", 2, 4, entries[:2], []), SampleResult("b", 1, 2, entries[2:], [])])
     assert written == 3 and sorted(p.name for p in (out / "images").iterdir()) == ["000000_0.png", "000001_0.png"]
     source = build_source(SourceConfig(kind="jsonl", name="sampled", path=str(out / "data.jsonl")))
     assert len(source) == 3
@@ -108,6 +115,12 @@ def test_written_dataset_reads_back_through_the_jsonl_source(tmp_path):
         assert len(got["images"]) == 1
         np.testing.assert_array_equal(decode_image(got["images"][0]), decode_image(want["images"][0]))
     assert source[2]["images"] == on_disk["images"]  # a file image is referenced, not copied
+
+    pairs = build_source(SourceConfig(kind="jsonl", name="pairs", path=str(out / "pairs.jsonl")))
+    assert len(pairs) == 2  # the kept answers that have a worse one
+    for want, answer, got in zip(kept[1:], rejected[1:], (pairs[i] for i in range(2))):
+        assert got["turns"] == want["turns"][:-1] and got["chosen"] == want["turns"][-1][1] and got["rejected"] == answer
+        np.testing.assert_array_equal(decode_image(got["images"][0]), decode_image(want["images"][0]))
 
 
 def _config(tmp_path, cfg):
@@ -129,6 +142,10 @@ def test_sample_command_writes_the_kept_answers_and_refuses_an_existing_out(trai
         "source": "digits_qa/test", "prompts": 3, "samples": 6, "skipped": 0}
     lines = (out / "data.jsonl").read_text().splitlines()
     assert len(lines) == row["kept"] and f"kept {row['kept']} of 3 prompts" in printed
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == row["pairs"] and f"{row['pairs']} preference pairs" in printed
+    for pair in pairs:  # a correct answer against a wrong one
+        assert pair["score"] == 1.0 and pair["rejected_score"] == 0.0
     references = [EmbeddedSource("digits_qa", "test")[i]["turns"][-1][1] for i in range(3)]
     for line in lines:  # only correct answers
         answer = json.loads(line)["conversations"][-1]["value"]

@@ -218,7 +218,7 @@ def cmd_sample(args):
 
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.generate import Sampling
-    from vlm_jax.infer.sample import judge, results_table, sample_sources, write_dataset
+    from vlm_jax.infer.sample import DATA_FILE, PAIRS_FILE, judge, results_table, sample_sources, write_dataset
     from vlm_jax.paths import emptied_on_error, write_atomic
     if args.num_samples > 1 and args.temperature == 0:
         raise_user(f"--num-samples {args.num_samples} at --temperature 0 draws the same greedy answer each time; "
@@ -242,7 +242,8 @@ def cmd_sample(args):
     print(results_table(results))
     if json_out:
         write_atomic(json_out, json.dumps([r.row() for r in results], indent=2))
-    print(f"kept {written} of {sum(r.prompts for r in results)} prompts -> {out / 'data.jsonl'}")
+    print(f"kept {written} of {sum(r.prompts for r in results)} prompts -> {out / DATA_FILE}; "
+          f"{sum(r.pairs for r in results)} preference pairs -> {out / PAIRS_FILE}")
 
 
 def _check_image(path: str):

@@ -30,7 +30,7 @@ from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.infer.answer import load_answerer
 from vlm_jax.infer.evaluate import evaluate_sources, text_table
 from vlm_jax.infer.generate import Sampling
-from vlm_jax.infer.sample import DATA_FILE, judge, results_table, sample_sources, write_dataset
+from vlm_jax.infer.sample import DATA_FILE, PAIRS_FILE, judge, results_table, sample_sources, write_dataset
 from vlm_jax.infer.soup import soup_checkpoints, soup_row, soup_table
 from vlm_jax.paths import check_writable, user_path, write_atomic
 from vlm_jax.train import checkpoint
@@ -39,6 +39,10 @@ from vlm_jax.train.recipe import Stage, resolve_stages, total_steps
 
 ACCURACY_FILE = "accuracy.json"
 SOUP_FILE = "soup.json"
+
+
+def _as_files(sources):
+    return tuple(replace(s, stage="") if s.path else s for s in sources)
 
 
 def stage_run_config(cfg: Config, stage: Stage, name: str, workdir: str, init_from: str, tokenizer: str,
@@ -53,6 +57,8 @@ def stage_run_config(cfg: Config, stage: Stage, name: str, workdir: str, init_fr
                     synthetic=stage.synthetic, objective="reward" if reward_model else stage.objective,
                     dpo=stage.dpo, reward=stage.reward, init_from=init_from)
     data = stage_data_config(cfg.data, stage.data, f"train.stages[{stage.index}].data")
+    # Its own run has no sample stages: what they wrote is read as the plain files their paths resolved to.
+    data = replace(data, sources=_as_files(data.sources), eval_sources=_as_files(data.eval_sources))
     run = replace(cfg, model=replace(cfg.model, reward_head=True) if reward_model else cfg.model, train=train,
                   data=replace(data, tokenizer=tokenizer) if data.sources else data, workdir=workdir)
     if variant:
@@ -61,6 +67,12 @@ def stage_run_config(cfg: Config, stage: Stage, name: str, workdir: str, init_fr
                         where)
     validate(run)
     return run
+
+
+def variant_label(variant: dict) -> str:
+    """A sweep variant's keys for a table: `learning_rate=0.0003`; a list by its length (`sources=[6]`)."""
+    return " ".join(f"{k.split('.')[-1]}=" + (f"[{len(v)}]" if isinstance(v, (list, tuple)) else str(v))
+                    for k, v in variant.items())
 
 
 class Recipe:
@@ -158,8 +170,7 @@ class Recipe:
         data = self.stage_data(stage)
         soup = soup_checkpoints(paths, stage.sweep.soup, replace(data, tokenizer=self.tokenizer()),
                                 stage.sweep.eval_examples, batch_size=data.shapes.batch_size)
-        names = [f"{stage.name}/{i} " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
-                 for i, variant in enumerate(stage.sweep.variants)]
+        names = [f"{stage.name}/{i} {variant_label(variant)}".rstrip() for i, variant in enumerate(stage.sweep.variants)]
         self.echo(soup_table(names, stage.sweep.soup, soup))
         write_atomic(directory / SOUP_FILE, json.dumps(soup_row(paths, stage.sweep.soup, soup), indent=2))
         Trainer(replace(self.cfg, train=replace(self.cfg.train, steps=stage.start)), self.devices,
@@ -189,9 +200,15 @@ class Recipe:
             lower = f"lower train.stages[{stage.index}].sample.threshold or " if s.reward_model else ""
             raise UserError(f"stage '{stage.name}' kept none of {sum(r.prompts for r in results)} prompts' answers, "
                             f"so the stages after it would have no data; {lower}train the stages before it longer")
+        readers = [st.name for st in self.stages if any(
+            src.stage == stage.name and src.stage_output == "pairs" for src in self.stage_data(st).sources)]
+        if readers and not any(r.pairs for r in results):
+            raise UserError(f"stage '{stage.name}' made no preference pairs (no prompt's samples scored unequally), "
+                            f"which stage '{readers[0]}' trains on; raise train.stages[{stage.index}].sample."
+                            "num_samples or temperature")
         written = write_dataset(out, results)  # data.jsonl last: it marks the stage done
         self.echo(f"stage '{stage.name}': kept {written} of {sum(r.prompts for r in results)} prompts -> "
-                  f"{out / DATA_FILE}")
+                  f"{out / DATA_FILE}; {sum(r.pairs for r in results)} preference pairs -> {out / PAIRS_FILE}")
 
     # ------------------------------------------------------------------ accuracy after every stage
 

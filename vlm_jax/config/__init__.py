@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from vlm_jax.config.data import (DataConfig, ImageConfig, PackingConfig, ShapeConfig, SourceConfig, WorkerConfig,
-                                 validate_data)
+from vlm_jax.config.data import (SAMPLED_DATA_FILE, SAMPLED_PAIRS_FILE, STAGE_OUTPUTS, DataConfig, ImageConfig,
+                                 PackingConfig, ShapeConfig, SourceConfig, WorkerConfig, validate_data)
 from vlm_jax.config.loader import (apply_overrides, check, deep_merge, from_dict, parse_override, read_yaml,
                                    to_dict)
 from vlm_jax.config.mesh import DistributedConfig, MeshConfig, validate_mesh
@@ -64,7 +64,6 @@ def validate(cfg: Config):
 
 # Recipe stages that are no training of the run's model keep their outputs in <workdir>/stages/<name>/.
 STAGES_DIR = "stages"
-SAMPLED_DATA_FILE = "data.jsonl"  # what a `kind: sample` stage (and `vlm-jax sample`) writes
 
 
 def stage_output_dir(workdir: str, stage: str):
@@ -88,7 +87,8 @@ def with_stage_outputs(cfg: Config) -> Config:
     def resolved(source: dict) -> dict:
         if not source.get("stage") or source.get("path"):
             return source
-        return {**source, "path": str(stage_output_dir(cfg.workdir, source["stage"]) / SAMPLED_DATA_FILE)}
+        output = STAGE_OUTPUTS[source.get("stage_output", "answers")]
+        return {**source, "path": str(stage_output_dir(cfg.workdir, source["stage"]) / output)}
 
     stages = tuple(replace(st, data={**st.data, **{k: [resolved(s) for s in st.data[k]] for k in ("sources", "eval_sources")
                                                     if isinstance(st.data.get(k), list)}})
@@ -121,7 +121,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), cls=Config, 
 
 __all__ = [
     "Config", "ConfigError", "load_config", "validate", "stage_data_config", "with_stage_outputs", "stage_output_dir",
-    "STAGES_DIR", "SAMPLED_DATA_FILE", "STAGE_KINDS", "SweepConfig", "SampleStageConfig", "load_model_config", "from_dict",
+    "STAGES_DIR", "SAMPLED_DATA_FILE", "SAMPLED_PAIRS_FILE", "STAGE_KINDS", "SweepConfig", "SampleStageConfig", "load_model_config", "from_dict",
     "to_dict", "deep_merge", "parse_override", "apply_overrides", "read_yaml", "check",
     "ModelConfig", "MllamaVisionConfig", "TextConfig", "ViTConfig", "ConnectorConfig", "TextEncoderConfig",
     "RopeScaling", "MeshConfig", "DistributedConfig", "TrainConfig", "DpoConfig", "RewardConfig", "StageConfig",

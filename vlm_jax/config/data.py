@@ -12,6 +12,9 @@ from vlm_jax.paths import user_path
 from vlm_jax.registry import IMAGE_OPS, SOURCES, TEMPLATES
 
 OVERFLOW = ("truncate", "drop")
+# What a `kind: sample` stage (and `vlm-jax sample`) writes, by a stage source's `stage_output`.
+STAGE_OUTPUTS = {"answers": "data.jsonl", "pairs": "pairs.jsonl"}
+SAMPLED_DATA_FILE, SAMPLED_PAIRS_FILE = STAGE_OUTPUTS["answers"], STAGE_OUTPUTS["pairs"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,11 @@ class SourceConfig:
     split: str = "train"  # embedded/tfds split ("train", "test", tfds slicing like "train[:90%]")
     weight: float = 1.0  # relative share in the training mixture
     size: int = 0  # embedded procedural tasks: examples in the split (0 = the task default)
-    # jsonl, in a recipe stage's data: the dataset an earlier `kind: sample` stage of the same run wrote (its
-    # data.jsonl under <workdir>/stages/<stage>/), instead of `path`.
+    # jsonl, in a recipe stage's data: the dataset an earlier `kind: sample` stage of the same run wrote under
+    # <workdir>/stages/<stage>/, instead of `path`: `stage_output` "answers" (data.jsonl: the kept answers, SFT
+    # records) or "pairs" (pairs.jsonl: on-policy preference pairs, the kept answer against the prompt's worst).
     stage: str = ""
+    stage_output: str = "answers"
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ def _validate_source(s: SourceConfig, where: str):
     check(bool(s.name), f"{where}.name must be set (an embedded task, a TFDS dataset name or a label)")
     check(s.kind not in ("jsonl", "tfds") or bool(s.path) or (s.kind == "jsonl" and bool(s.stage)),
            f"{where}.path must be set for a {s.kind} source ({'the .jsonl file, or `stage:` the recipe stage that writes it' if s.kind == 'jsonl' else 'the TFDS data_dir'})")
+    check(s.stage_output in STAGE_OUTPUTS, f"{where}.stage_output '{s.stage_output}' is none of "
+          f"{', '.join(STAGE_OUTPUTS)}")
     check(not s.stage or s.kind == "jsonl", f"{where}.stage names a recipe stage's output, which only a jsonl source reads; "
           f"set kind: jsonl or remove stage")
     for key in ("path", "image_root"):

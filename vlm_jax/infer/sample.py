@@ -1,6 +1,8 @@
 """`vlm-jax sample`: rejection sampling (as in Llama 3's post-training). N sampled answers per prompt from a
 policy, scored by a reward model or a verifier; each prompt's best answer is kept when its score clears a
 threshold, and the kept ones are written as an SFT dataset that `data.sources: [{kind: jsonl, path: ...}]` reads.
+Beside it, on-policy preference pairs for DPO (Llama 3 pairs its policy's own samples): each kept answer as
+`chosen` against its prompt's lowest-scored sample as `rejected`, where that one scored lower.
 
 Sample k of every prompt is drawn with the key fold_in(seed, k), so the N answers to a prompt are distinct draws
 and a prompt's answers do not depend on N. An empty answer is never kept (the JSONL reader rejects it), nor one
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.config import SAMPLED_DATA_FILE as DATA_FILE
+from vlm_jax.config import SAMPLED_PAIRS_FILE as PAIRS_FILE
 from vlm_jax.config import DataConfig, SourceConfig
 from vlm_jax.data import decode_image
 from vlm_jax.data.bad_records import BadRecord
@@ -99,20 +102,28 @@ class SampleResult:
     label: str
     prompts: int
     samples: int  # answers drawn
-    kept: list[dict]  # per kept prompt: {"record": the answered record, "score"}
+    # per kept prompt: {"record": the answered record, "score", "rejected": its prompt's lowest-scored answer when
+    # that scored lower (else None), "rejected_score"}
+    kept: list[dict]
     best_scores: list[float]  # per prompt with a scored answer, its best answer's score
     skipped: int = 0  # unreadable or unusable records
 
     def row(self) -> dict:
         return {"source": self.label, "prompts": self.prompts, "samples": self.samples, "kept": len(self.kept),
+                "pairs": self.pairs,
                 "fraction_kept": len(self.kept) / self.prompts if self.prompts else 0.0,
                 "mean_best_score": float(np.mean(self.best_scores)) if self.best_scores else None,
                 "skipped": self.skipped}
 
+    @property
+    def pairs(self) -> int:
+        return sum(k["rejected"] is not None for k in self.kept)
+
 
 def rejection_sample(label: str, records: list[dict], draw: DrawFn, score: ScoreFn, num_samples: int,
                      threshold: float, skipped: int = 0) -> SampleResult:
-    """Each record's best of `num_samples` answers (the first of equal ones), kept when its score > `threshold`."""
+    """Each record's best of `num_samples` answers (the first of equal ones), kept when its score > `threshold`,
+    with its worst (the last of equal ones) as the rejected answer of a pair when that scored lower."""
     answers, references = [], None
     for k in range(num_samples):
         drawn, references = draw(records, k)
@@ -122,21 +133,26 @@ def rejection_sample(label: str, records: list[dict], draw: DrawFn, score: Score
     scores = score([records[i] for i, _ in candidates], [a for _, a in candidates],
                    [references[i] for i, _ in candidates]) if candidates else []
     best: dict[int, tuple[float, str]] = {}
+    worst: dict[int, tuple[float, str]] = {}
     for (i, answer), s in zip(candidates, scores):
         if s is None:
             continue
         if i not in best or s > best[i][0]:
             best[i] = (s, answer)
-    kept = [{"record": answered(records[i], answer), "score": s}
+        if i not in worst or s <= worst[i][0]:
+            worst[i] = (s, answer)
+    kept = [{"record": answered(records[i], answer), "score": s,
+             "rejected": worst[i][1] if worst[i][0] < s else None, "rejected_score": worst[i][0]}
             for i, (s, answer) in sorted(best.items()) if s > threshold]
     return SampleResult(label, len(records), len(records) * num_samples, kept,
                         [s for s, _ in best.values()], skipped)
 
 
 def write_dataset(out, results: list[SampleResult]) -> int:
-    """The kept answers of every source as `out`/data.jsonl (images that are no files as `out`/images/*.png);
-    returns the number of records written."""
-    lines = []
+    """The kept answers of every source as `out`/data.jsonl and their pairs as `out`/pairs.jsonl (images that are
+    no files as `out`/images/*.png, shared); returns the number of kept answers written. data.jsonl comes last:
+    it marks the whole written."""
+    lines, pairs = [], []
     for result in results:
         for kept in result.kept:
             record, refs = kept["record"], []
@@ -150,13 +166,19 @@ def write_dataset(out, results: list[SampleResult]) -> int:
                 write_atomic(out / ref, buffer.getvalue())
                 refs.append(ref)
             lines.append(format_record(refs, record["turns"], score=kept["score"], source=result.label))
+            if kept["rejected"] is not None:
+                pairs.append(format_record(refs, record["turns"][:-1], chosen=record["turns"][-1][1],
+                                           rejected=kept["rejected"], score=kept["score"],
+                                           rejected_score=kept["rejected_score"], source=result.label))
+    write_atomic(out / PAIRS_FILE, "".join(line + "\n" for line in pairs))
     write_atomic(out / DATA_FILE, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
 def results_table(results: list[SampleResult]) -> str:
     rows = [r.row() for r in results]
-    return text_table(["source", "prompts", "samples", "kept", "kept %", "mean best"],
+    return text_table(["source", "prompts", "samples", "kept", "kept %", "pairs", "mean best"],
                       [[r.label, str(r.prompts), str(r.samples), str(len(r.kept)), f"{row['fraction_kept']:.1%}",
+                        str(r.pairs),
                         "-" if row["mean_best_score"] is None else f"{row['mean_best_score']:.3f}"]
                        for r, row in zip(results, rows)], [skipped_note(r.skipped) for r in results])
