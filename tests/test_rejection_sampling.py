@@ -12,10 +12,11 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.config import SourceConfig
 from vlm_jax.data import EmbeddedSource, build_source, decode_image
 from vlm_jax.data.bad_records import BadRecord
+from vlm_jax.errors import UserError
 from vlm_jax.infer.answer import Answerer
 from vlm_jax.infer.generate import Sampling
 from vlm_jax.infer.sample import (SampleResult, answered, answerer_draw, exact_match_scores, rejection_sample,
-                                  reward_model_scores, write_dataset)
+                                  reward_model_scores, sample_sources, write_dataset)
 
 
 def _fake_draw(answers_per_sample):
@@ -167,3 +168,11 @@ def test_mistakes_are_one_line(extra, message, tmp_path, capsys):
     assert cli_main(args + extra) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_missing_source_is_named_where_the_config_lists_it(trained_like, tmp_path):
+    cfg, model, params, tokenizer, _ = trained_like
+    answerer = Answerer(model, params, tokenizer, cfg.data, batch_size=4, max_new_tokens=2)
+    missing = SourceConfig(kind="jsonl", name="prompts", path=str(tmp_path / "absent.jsonl"))
+    with pytest.raises(UserError, match=r"^train\.stages\[4\]\.data\.sources\[0\].*absent\.jsonl"):
+        sample_sources(answerer, (missing,), 2, exact_match_scores, 0.5, 1, 0, "train.stages[4].data.sources")

@@ -194,7 +194,8 @@ class Recipe:
                                  sampling=Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
         reward = str(stage_output_dir(self.cfg.workdir, s.reward_model) / "checkpoints") if s.reward_model else ""
         score, threshold = judge(s.verifier, reward, s.threshold, data.tokenizer, data, s.batch_size)
-        results = sample_sources(answerer, data.sources, s.limit, score, threshold, s.num_samples, s.seed)
+        results = sample_sources(answerer, data.sources, s.limit, score, threshold, s.num_samples, s.seed,
+                                 f"train.stages[{stage.index}].data.sources")
         self.echo(results_table(results))
         if not any(r.kept for r in results):
             lower = f"lower train.stages[{stage.index}].sample.threshold or " if s.reward_model else ""

@@ -91,12 +91,14 @@ def evaluate_records(answerer: Answerer, label: str, records: list[dict], skippe
                         answer_perplexity(answerer, records) if perplexity else float("nan"), skipped, tokens)
 
 
-def read_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0) -> list[tuple[list, int]]:
-    """`read_records` of every source, with the answerer's data settings saying which records are usable."""
+def read_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int = 0,
+                 where: str = "data.eval_sources") -> list[tuple[list, int]]:
+    """`read_records` of every source (the config list `where`), with the answerer's data settings saying which
+    records are usable."""
     def counter():
         return BadRecordCounter(answerer.data.max_bad_fraction, answerer.data.bad_fraction_min_records)
 
-    return [read_records(s, limit, f"data.eval_sources[{i}]", answerer.preparer.prompt, counter())
+    return [read_records(s, limit, f"{where}[{i}]", answerer.preparer.prompt, counter())
             for i, s in enumerate(sources)]
 
 

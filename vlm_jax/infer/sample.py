@@ -81,10 +81,11 @@ def judge(verifier: str, reward_checkpoint: str, threshold: float | None, tokeni
 
 
 def sample_sources(answerer: Answerer, sources: tuple[SourceConfig, ...], limit: int, score: ScoreFn,
-                   threshold: float, num_samples: int, seed: int) -> list[SampleResult]:
-    """`rejection_sample` of the first `limit` records of each source (0 = all)."""
+                   threshold: float, num_samples: int, seed: int, where: str = "data.eval_sources"
+                   ) -> list[SampleResult]:
+    """`rejection_sample` of the first `limit` records of each source (0 = all; `where` names the list in errors)."""
     # Every record is read (and its images decoded) before the first is answered: bad data stops early.
-    read = read_sources(answerer, sources, limit)
+    read = read_sources(answerer, sources, limit, where)
     draw = answerer_draw(answerer, seed)
     return [rejection_sample(source_label(s), records, draw, score, num_samples, threshold, skipped)
             for s, (records, skipped) in zip(sources, read)]
