@@ -45,6 +45,7 @@ def test_overrides_index_lists():
     ("model.text.cross_attention_layers=[0,3]", "not evenly spaced"),
     ("model.vision.intermediate_layers_indices=[9]", "intermediate_layers_indices: 9 is out of range"),
     ("model.dtype=float8", "model.dtype: 'float8' is not one of"),
+    ("model.vision_remat_policy=most", "model.vision_remat_policy: 'most' is not one of"),
     ("model.scan_layers=maybe", "expected true/false"),
     ("mesh.fsdp=0", "mesh.fsdp must be positive or -1"),
 ])

@@ -29,15 +29,33 @@ def test_bfloat16_compute_tracks_float32(hf_mllama_dir):
     assert 0 < err < 0.05 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
-def test_remat_policies_give_the_same_gradients(hf_mllama_dir, policy):
+def _remat_count(model, params, batch) -> int:
+    """How many rematerialised (checkpointed) calls the gradient's program holds."""
+    return str(jax.make_jaxpr(jax.grad(_loss_fn(model, batch)))(params)).count("remat")
+
+
+@pytest.mark.parametrize("policies", [{"remat_policy": "full"}, {"remat_policy": "dots_no_batch"},
+                                      {"vision_remat_policy": "full"}])
+def test_remat_policies_give_the_same_gradients(hf_mllama_dir, policies):
     batch = mllama_batch()
     base, params = from_hf(hf_mllama_dir[1], dtype="float32")
-    remat, _ = from_hf(hf_mllama_dir[1], dtype="float32", remat_policy=policy)
+    remat, _ = from_hf(hf_mllama_dir[1], dtype="float32", **policies)
     g_ref = jax.jit(jax.grad(_loss_fn(base, batch)))(params)
     g = jax.jit(jax.grad(_loss_fn(remat, batch)))(params)
     for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_the_vision_towers_take_their_own_remat_policy(hf_mllama_dir):
+    batch = mllama_batch()
+    counts = {}
+    for name, policies in {"none": {}, "vision": {"vision_remat_policy": "full"}, "all": {"remat_policy": "full"},
+                           "text": {"remat_policy": "full", "vision_remat_policy": "none"}}.items():
+        model, params = from_hf(hf_mllama_dir[1], dtype="float32", **policies)
+        counts[name] = _remat_count(model, params, batch)
+    # the two towers (local and global layers) alone, the decoder alone, and all of them
+    assert counts["none"] == 0 and 0 < counts["vision"] < counts["all"]
+    assert counts["vision"] + counts["text"] == counts["all"], counts
 
 
 def test_packed_segments_do_not_see_each_other(hf_mllama_dir):

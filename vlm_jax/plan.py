@@ -15,6 +15,7 @@ import jax
 
 from vlm_jax import sharding, topology
 from vlm_jax.config import Config
+from vlm_jax.config.model import vision_remat
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import abstract_params, get_family
 from vlm_jax.models.attention import resolved_model
@@ -119,6 +120,8 @@ def advice(cfg: Config) -> str:
     tips = []
     if cfg.model.remat_policy != "full":
         tips.append("model.remat_policy=full (recompute activations)")
+    elif vision_remat(cfg.model) != "full":
+        tips.append("model.vision_remat_policy=full (recompute the vision towers' activations too)")
     tips.append(f"train.microbatches={cfg.train.microbatches * 2} (halves activation memory per pass)")
     if cfg.mesh.rules != "fsdp_tp":
         tips.append("mesh.rules=fsdp_tp with mesh.tensor=4 (shards heads/MLP too)")
@@ -169,7 +172,7 @@ def plan(cfg: Config, slice_name: str, assumed_mfu: float = 0.4, stage_names: tu
          f"{s.chip.hbm_bytes / GiB:.0f} GiB HBM and {s.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip")
     echo(f"mesh: {dict(sharding.make_mesh(cfg.mesh, devices).shape)} with rules '{cfg.mesh.rules}'; global batch "
          f"{data.global_batch(stages[0].index) if stages else 0}, microbatches {cfg.train.microbatches}, "
-         f"remat {cfg.model.remat_policy}")
+         f"remat {cfg.model.remat_policy} (vision towers {vision_remat(cfg.model)})")
     cfg = dataclasses.replace(cfg, model=resolved_model(cfg.model, "tpu", cfg.data.packing.enabled, echo))
     reports = []
     for stage in stages:

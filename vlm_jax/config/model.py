@@ -197,6 +197,9 @@ class ModelConfig:
     # "none": keep all activations; "full": recompute each layer; "dots": save matmul outputs only;
     # "dots_no_batch": save weight matmuls, recompute attention scores.
     remat_policy: str = "none"
+    # The vision towers' own policy ("" = remat_policy). With many tiles per sequence the encoder's activations can
+    # outweigh the decoder's, so a large run may recompute the towers fully while the decoder keeps its matmuls.
+    vision_remat_policy: str = ""
     # "xla": einsum attention with a dense mask (every platform). "splash": JAX's Pallas TPU splash attention;
     # "cudnn": cuDNN flash attention via jax.nn.dot_product_attention (GPU; unpacked rows only). "auto": splash
     # on TPU, cudnn on GPU (xla when data.packing is on), xla on CPU, announced. A kernel runs the decoder's causal
@@ -210,11 +213,19 @@ class ModelConfig:
 ATTENTION_IMPLS = ("xla", "splash", "cudnn", "auto")
 
 
+def vision_remat(m: ModelConfig) -> str:
+    """The remat policy of the vision towers."""
+    return m.vision_remat_policy or m.remat_policy
+
+
 def validate_model(m: ModelConfig):
     family = FAMILIES.get(m.family, "model.family")
     check(m.dtype in DTYPES, f"model.dtype: '{m.dtype}' is not one of {DTYPES}")
     check(m.param_dtype in DTYPES, f"model.param_dtype: '{m.param_dtype}' is not one of {DTYPES}")
     check(m.remat_policy in REMAT_POLICIES, f"model.remat_policy: '{m.remat_policy}' is not one of {REMAT_POLICIES}")
+    check(m.vision_remat_policy in ("", *REMAT_POLICIES),
+          f"model.vision_remat_policy: '{m.vision_remat_policy}' is not one of {REMAT_POLICIES} (or \"\" for "
+          "model.remat_policy)")
     check(m.attention_impl in ATTENTION_IMPLS,
           f"model.attention_impl: '{m.attention_impl}' is not one of {ATTENTION_IMPLS}")
     family.validate(m)

@@ -55,7 +55,7 @@ class TextEncoder(nn.Module):
         mask = jnp.broadcast_to(keys[:, None, None, :], (b, 1, s, s))
         if not sigmoid_style(cfg):
             mask = mask & jnp.tril(jnp.ones((s, s), bool))
-        x, _ = encoder_stack(cfg, "encoder", text_encoder_spec(cfg), e.num_layers)(x, mask)
+        x, _ = encoder_stack(cfg, "encoder", text_encoder_spec(cfg), e.num_layers, vision=False)(x, mask)
         x = LayerNorm("embed", e.norm_eps, name="final_layer_norm", **kw)(x)
         pooled = x[jnp.arange(b), pool_index(cfg, input_ids)]
         if sigmoid_style(cfg):

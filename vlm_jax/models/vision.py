@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.config import ModelConfig
+from vlm_jax.config.model import vision_remat
 from vlm_jax.models.layers import (EncoderLayer, EncoderSpec, LayerNorm, constrain, dtype_of, param,
                                    stack_layers)
 
@@ -18,10 +19,12 @@ def mllama_encoder_spec(cfg: ModelConfig) -> EncoderSpec:
     return EncoderSpec(v.hidden_size, v.num_heads, v.intermediate_size, v.norm_eps)
 
 
-def encoder_stack(cfg: ModelConfig, name: str, spec: EncoderSpec, length: int, **layer_kwargs):
-    """`length` scanned (or unrolled) EncoderLayers with the model's dtypes, remat and attention kernel."""
-    stack = stack_layers(EncoderLayer, length=length, layers_axis=spec.layers_axis, remat_policy=cfg.remat_policy,
-                         scan=cfg.scan_layers)
+def encoder_stack(cfg: ModelConfig, name: str, spec: EncoderSpec, length: int, vision: bool = True,
+                  **layer_kwargs):
+    """`length` scanned (or unrolled) EncoderLayers with the model's dtypes, remat (a vision tower's own, or the
+    model's for a text encoder) and attention kernel."""
+    stack = stack_layers(EncoderLayer, length=length, layers_axis=spec.layers_axis,
+                         remat_policy=vision_remat(cfg) if vision else cfg.remat_policy, scan=cfg.scan_layers)
     return stack(name, spec=spec, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
                  attention_impl=cfg.attention_impl, **layer_kwargs)
 

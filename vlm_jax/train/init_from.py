@@ -22,7 +22,7 @@ from vlm_jax.train.state import abstract_with_shardings
 
 # How the model runs rather than what it is: these may differ from the source's (an HF directory is converted
 # into the run's settings; a checkpoint's param_dtype is its arrays' dtype, compared leaf by leaf).
-RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "vision_remat_policy", "attention_impl")
 # Initial values of a random init, which loaded parameters replace.
 INIT_ONLY = ("text.cross_attention_gate_init", "logit_scale_init", "logit_bias_init")
 
