@@ -18,10 +18,13 @@ import pytest
 from vlm_jax import cli
 from vlm_jax.config import load_config
 from vlm_jax.data.sources.jsonl import parse_record
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, UserError
+from vlm_jax.infer.sample import SampleResult
+from vlm_jax.recipe import check_sampled
 from vlm_jax.train import checkpoint
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.loop import Trainer
+from vlm_jax.train.recipe import resolve_stages
 from train_helpers import ROOT, final_params
 
 RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v.yaml")
@@ -164,3 +167,17 @@ def test_a_sweep_is_not_trained_by_the_trainer_alone(tmp_path):
     with pytest.raises(ConfigError, match="stage 'sft' \\(step 8\\) sweeps 2 variants, which the recipe runner trains"):
         Trainer(cfg, echo=lambda m: None)
     assert not os.listdir(tmp_path)
+
+
+def test_a_sample_stage_that_leaves_a_later_stage_nothing_stops_in_one_line(tmp_path):
+    cfg = load_config(RECIPE, [f"workdir={tmp_path}"])
+    stage = next(s for s in resolve_stages(cfg.train) if s.kind == "sample")
+    kept = {"record": {}, "score": 1.0, "rejected": None, "rejected_score": 1.0}
+    none_kept, no_pairs = SampleResult("a", 2, 4, [], [0.0]), SampleResult("a", 2, 4, [kept], [1.0])
+    with pytest.raises(UserError, match=r"^stage 'rejection_sampling' kept none of 2 prompts' answers"):
+        check_sampled(stage, [none_kept], [])
+    with pytest.raises(UserError, match=r"made no preference pairs .*which stage 'dpo' trains on; raise "
+                                        r"train\.stages\[4\]\.sample\.num_samples"):
+        check_sampled(stage, [no_pairs], ["dpo"])
+    check_sampled(stage, [no_pairs], [])  # no stage reads its pairs
+    check_sampled(stage, [SampleResult("a", 2, 4, [{**kept, "rejected": "x"}], [1.0])], ["dpo"])

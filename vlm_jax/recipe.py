@@ -75,6 +75,20 @@ def variant_label(variant: dict) -> str:
                     for k, v in variant.items())
 
 
+def check_sampled(stage: Stage, results: list, pair_readers: list[str]):
+    """One line when a sample stage's `results` leave a later stage nothing to train on: no kept answer, or no
+    preference pair for the stages in `pair_readers` (those reading its `stage_output: pairs`)."""
+    prompts = sum(r.prompts for r in results)
+    if not any(r.kept for r in results):
+        lower = f"lower train.stages[{stage.index}].sample.threshold or " if stage.sample.reward_model else ""
+        raise UserError(f"stage '{stage.name}' kept none of {prompts} prompts' answers, so the stages after it "
+                        f"would have no data; {lower}train the stages before it longer")
+    if pair_readers and not any(r.pairs for r in results):
+        raise UserError(f"stage '{stage.name}' made no preference pairs (no prompt's samples scored unequally), "
+                        f"which stage '{pair_readers[0]}' trains on; raise train.stages[{stage.index}].sample."
+                        "num_samples or temperature")
+
+
 class Recipe:
     def __init__(self, cfg: Config, devices=None, echo=print):
         if not cfg.workdir:
@@ -197,16 +211,9 @@ class Recipe:
         results = sample_sources(answerer, data.sources, s.limit, score, threshold, s.num_samples, s.seed,
                                  f"train.stages[{stage.index}].data.sources")
         self.echo(results_table(results))
-        if not any(r.kept for r in results):
-            lower = f"lower train.stages[{stage.index}].sample.threshold or " if s.reward_model else ""
-            raise UserError(f"stage '{stage.name}' kept none of {sum(r.prompts for r in results)} prompts' answers, "
-                            f"so the stages after it would have no data; {lower}train the stages before it longer")
         readers = [st.name for st in self.stages if any(
             src.stage == stage.name and src.stage_output == "pairs" for src in self.stage_data(st).sources)]
-        if readers and not any(r.pairs for r in results):
-            raise UserError(f"stage '{stage.name}' made no preference pairs (no prompt's samples scored unequally), "
-                            f"which stage '{readers[0]}' trains on; raise train.stages[{stage.index}].sample."
-                            "num_samples or temperature")
+        check_sampled(stage, results, readers)
         written = write_dataset(out, results)  # data.jsonl last: it marks the stage done
         self.echo(f"stage '{stage.name}': kept {written} of {sum(r.prompts for r in results)} prompts -> "
                   f"{out / DATA_FILE}; {sum(r.pairs for r in results)} preference pairs -> {out / PAIRS_FILE}")

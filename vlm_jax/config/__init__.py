@@ -87,7 +87,7 @@ def with_stage_outputs(cfg: Config) -> Config:
     def resolved(source: dict) -> dict:
         if not source.get("stage") or source.get("path"):
             return source
-        output = STAGE_OUTPUTS[source.get("stage_output", "answers")]
+        output = STAGE_OUTPUTS[source.get("stage_output", SourceConfig.stage_output)]
         return {**source, "path": str(stage_output_dir(cfg.workdir, source["stage"]) / output)}
 
     stages = tuple(replace(st, data={**st.data, **{k: [resolved(s) for s in st.data[k]] for k in ("sources", "eval_sources")
