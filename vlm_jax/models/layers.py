@@ -5,12 +5,14 @@ Parameters and large activations carry logical axis names only; `vlm_jax.shardin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.config import RopeScaling
 from vlm_jax.models.attention import CausalSegments, kernel_for
@@ -32,6 +34,39 @@ def param(module: nn.Module, name: str, init, shape, axes: Axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+# The name every `dense` output carries, so the "dots" remat policies can save it (a custom_vjp call is not a
+# dot_general to `checkpoint_dots`).
+DENSE_OUTPUT = "dense"
+
+
+def dense(x, kernel, n: int = 1):
+    """x's last `n` dims contracted with kernel's first `n`: (..., *in) x (*in, *out) -> (..., *out)."""
+    return checkpoint_name(_dense(x, kernel, n), DENSE_OUTPUT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, kernel, n):
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+
+
+def _dense_fwd(x, kernel, n):
+    return _dense(x, kernel, n), (x, kernel)
+
+
+def _dense_bwd(n, residuals, dy):
+    """Each gradient is one dot_general whose result is already in its operand's dim order. From JAX's own
+    transpose rule XLA:CPU made the kernel's gradient a matmul of a transposed `dy`, written by strided copies
+    fused into dy's producer: 9-11% of an mllama_100m CPU train step (benchmarks/train_vs_pytorch.py)."""
+    x, kernel = residuals
+    lead = x.ndim - n
+    dx = jax.lax.dot_general(dy, kernel, ((tuple(range(lead, dy.ndim)), tuple(range(n, kernel.ndim))), ((), ())))
+    dkernel = jax.lax.dot_general(x, dy, ((tuple(range(lead)), tuple(range(lead))), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Linear(nn.Module):
     """Dense layer contracting the last `contract_dims` input dims, with logically named kernel axes."""
     features: int | Sequence[int]
@@ -48,8 +83,7 @@ class Linear(nn.Module):
         n = self.contract_dims
         in_shape = x.shape[-n:]
         kernel = param(self, "kernel", self.kernel_init, (*in_shape, *features), self.kernel_axes, self.param_dtype)
-        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = dense(x.astype(self.dtype), kernel.astype(self.dtype), n)
         if self.use_bias:
             bias = param(self, "bias", nn.initializers.zeros, features, self.kernel_axes[n:], self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -230,7 +264,8 @@ class SwiGLU(nn.Module):
 
 
 ACTIVATIONS = {  # HF `hidden_act` names
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    # Exact gelu in PyTorch's form, x/2 (1 + erf(x/sqrt 2)): flax's erfc form costs XLA:CPU about twice as much.
+    "gelu": lambda x: 0.5 * x * (1 + jax.lax.erf(x * (2 ** -0.5))),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
@@ -305,10 +340,12 @@ class EncoderLayer(nn.Module):
 
 # -------------------------------------------------------------------------------------------- depth
 
+_saves_dense = jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _saves_dense),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _saves_dense),
 }
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import ModelConfig, TrainConfig
-from vlm_jax.models.layers import dtype_of
+from vlm_jax.models.layers import dense, dtype_of
 from vlm_jax.objectives.base import LossSums
 from vlm_jax.registry import OBJECTIVES
 
@@ -73,7 +73,7 @@ def chunked_row_sums(hidden, kernel, targets, weights, chunk: int, compute_dtype
     def one_chunk(args):
         h_c, t_c, w_c = args
         # Same arithmetic as the model's lm_head (compute dtype, then fp32), so both losses agree.
-        logits = jnp.einsum("bsh,hv->bsv", h_c.astype(compute_dtype), kernel.astype(compute_dtype))
+        logits = dense(h_c.astype(compute_dtype), kernel.astype(compute_dtype))
         return _token_sums(logits.astype(jnp.float32), t_c, w_c)
 
     if n == 1:  # holding one chunk's logits for the backward pass costs no more memory than recomputing them
