@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from vlm_jax import cli
+from vlm_jax import cli, plan
+from vlm_jax.config import load_config
 from vlm_jax.topology import TopologyError, parse_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +73,15 @@ def test_plan_says_what_to_change_when_it_does_not_fit(capsys):
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out
     assert "do not fit on v5e-4; try model.remat_policy=full" in captured.err
+
+
+@pytest.mark.parametrize("rules,tip", [
+    ("fsdp", "mesh.rules=fsdp_tp with mesh.tensor=4"),
+    ("fsdp_tp", "mesh.rules=fsdp_tp_vision_dp (splits the vision towers' images"),
+])
+def test_plan_advice_moves_one_sharding_step_further(rules, tip):
+    cfg = load_config(os.path.join(REPO, "configs/models/mllama_100m.yaml"), [f"mesh.rules={rules}"])
+    assert tip in plan.advice(cfg)
 
 
 def test_plan_json_and_its_argument_errors(tmp_path, capsys):

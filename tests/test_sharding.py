@@ -3,6 +3,7 @@ resolve through their `base:` chains to the tables in tests/golden/mesh_rules.js
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -12,11 +13,13 @@ from jax.sharding import PartitionSpec as P
 
 from hf_models import mllama_batch
 from vlm_jax import sharding
-from vlm_jax.config import ConfigError, MeshConfig
+from vlm_jax.config import ConfigError, MeshConfig, load_config
 from vlm_jax.convert import from_hf
-from vlm_jax.families import abstract_params
+from vlm_jax.families import abstract_params, get_family
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mesh_rules.json")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+PRESETS = ("dp", "fsdp", "fsdp_tp", "fsdp_tp_vision_dp")
 
 
 def _batch8():
@@ -28,6 +31,7 @@ def _batch8():
     (MeshConfig(data=1, fsdp=8, tensor=1), "fsdp", P(None, "fsdp", None)),
     (MeshConfig(data=1, fsdp=4, tensor=2), "fsdp_tp", P(None, "fsdp", "tensor")),
     (MeshConfig(data=2, fsdp=-1, tensor=2), "fsdp_tp", P(None, "fsdp", "tensor")),
+    (MeshConfig(data=1, fsdp=4, tensor=2), "fsdp_tp_vision_dp", P(None, "fsdp", "tensor")),
 ])
 def test_sharded_logits_equal_single_device(hf_mllama_dir, mesh_cfg, rules, up_proj_spec):
     assert jax.device_count() == 8
@@ -45,6 +49,43 @@ def test_sharded_logits_equal_single_device(hf_mllama_dir, mesh_cfg, rules, up_p
     assert len(up_proj.addressable_shards) == 8 and up_proj.addressable_shards[0].data.size < up_proj.size
     assert logits.sharding.spec[0] in (("data", "fsdp"), "fsdp")
     np.testing.assert_allclose(np.asarray(logits), single, atol=2e-5, rtol=1e-5)
+
+
+def _compiled_image_encoder(model_yaml: str, rules_name: str, image_keys: tuple[str, ...]):
+    """Compiles the model's image encoding of 8 images on fsdp 4 x tensor 2; returns the count of each collective
+    in it and the images (x tiles) one device's patch embedding sees."""
+    cfg = load_config(os.path.join(CONFIGS, model_yaml), [])
+    family = get_family(cfg.model)
+    model = family.build(cfg.model)
+    images = {k: v for k, v in family.example_inputs(cfg.model, batch=8).items() if k in image_keys}
+    mesh, rules = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), sharding.load_rules(rules_name)
+    boxed = abstract_params(model)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                          sharding.param_shardings(boxed, mesh, rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        encode = jax.jit(lambda p, b: model.apply({"params": p}, **b, method="encode_images"))
+        hlo = encode.lower(params, sharding.shard_batch(images, mesh, rules)).compile().as_text()
+    counts = {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
+              for op in ("all-reduce", "reduce-scatter", "collective-permute", "all-gather")}
+    patch_rows = {int(r) for r in re.findall(r"= \w+\[(\d+),\S* convolution\(", hlo)}
+    assert len(patch_rows) == 1, patch_rows
+    return counts, patch_rows.pop()
+
+
+@pytest.mark.parametrize("model_yaml,image_keys,images", [
+    ("tiny_mllama.yaml", ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"), 8 * 4),  # 4 tiles each
+    ("tiny_llava.yaml", ("pixel_values",), 8),
+])
+def test_vision_towers_run_data_parallel_over_tensor(model_yaml, image_keys, images):
+    """Under fsdp_tp the vision towers split their heads over `tensor` (an all-reduce per layer) and each
+    device encodes a quarter of the images (batch over fsdp 4); under fsdp_tp_vision_dp each device encodes an
+    eighth with gathered weights, and nothing is reduced."""
+    tensor_parallel, tp_rows = _compiled_image_encoder(model_yaml, "fsdp_tp", image_keys)
+    data_parallel, dp_rows = _compiled_image_encoder(model_yaml, "fsdp_tp_vision_dp", image_keys)
+    assert (tp_rows, dp_rows) == (images // 4, images // 8)
+    assert tensor_parallel["all-reduce"] + tensor_parallel["reduce-scatter"] > 0
+    assert data_parallel["all-reduce"] == data_parallel["reduce-scatter"] == data_parallel["collective-permute"] == 0
+    assert data_parallel["all-gather"] > 0  # the weights, gathered over (fsdp, tensor)
 
 
 def test_indivisible_axis_is_a_clear_error(hf_mllama_dir):
@@ -83,14 +124,14 @@ def rules_summary(rules) -> dict:
 
 
 def golden_tables() -> dict:
-    return {p: rules_summary(sharding.load_rules(p)) for p in ("dp", "fsdp", "fsdp_tp")}
+    return {p: rules_summary(sharding.load_rules(p)) for p in PRESETS}
 
 
 def test_presets_resolve_to_the_golden_tables():
     with open(GOLDEN) as f:
         assert golden_tables() == json.load(f)
     base = sorted(n for n, _ in sharding.load_rules("base"))
-    for preset in ("dp", "fsdp", "fsdp_tp"):  # every preset names every logical axis, once
+    for preset in PRESETS:  # every preset names every logical axis, once
         assert sorted(n for n, _ in sharding.load_rules(preset)) == base
 
 
@@ -111,7 +152,7 @@ def test_user_table_base_is_relative_to_the_file(tmp_path):
 
 @pytest.mark.parametrize("files,match", [
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: ./a.yaml\n"}, r"`base:` cycle .*a.yaml -> .*b.yaml -> .*a.yaml"),
-    ({"a.yaml": "base: nope\n"}, r"base 'nope' in .*a.yaml is neither a preset \(base, dp, fsdp, fsdp_tp\)"),
+    ({"a.yaml": "base: nope\n"}, r"base 'nope' in .*a.yaml is neither a preset \(base, dp, fsdp, fsdp_tp, fsdp_tp_vision_dp\)"),
     ({"a.yaml": "base: fsdp\nemebd: tensor\n"}, r"'emebd' is no logical axis of base 'fsdp'"),
 ])
 def test_bad_base_is_a_one_line_error(tmp_path, files, match):

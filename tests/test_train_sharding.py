@@ -1,5 +1,5 @@
-"""Training is sharding-invariant (1 device, dp 8, fsdp 8, fsdp 2 x tensor 4), and a checkpoint written on 8
-devices restores and continues on 4 and on 1 device."""
+"""Training is sharding-invariant (1 device, dp 8, fsdp 8, fsdp 2 x tensor 4 with the vision towers split by
+heads or by images), and a checkpoint written on 8 devices restores and continues on 4 and on 1 device."""
 import os
 import shutil
 
@@ -17,6 +17,8 @@ MESHES = {
     "dp 8": (8, ["mesh.data=8", "mesh.fsdp=1", "mesh.rules=dp"]),
     "fsdp 8": (8, ["mesh.fsdp=8"]),
     "fsdp 2 x tensor 4": (8, ["mesh.fsdp=2", "mesh.tensor=4", "mesh.rules=fsdp_tp"]),
+    "fsdp 2 x tensor 4, vision towers data-parallel": (8, ["mesh.fsdp=2", "mesh.tensor=4",
+                                                          "mesh.rules=fsdp_tp_vision_dp"]),
 }
 
 

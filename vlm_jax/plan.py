@@ -123,7 +123,9 @@ def advice(cfg: Config) -> str:
     elif vision_remat(cfg.model) != "full":
         tips.append("model.vision_remat_policy=full (recompute the vision towers' activations too)")
     tips.append(f"train.microbatches={cfg.train.microbatches * 2} (halves activation memory per pass)")
-    if cfg.mesh.rules != "fsdp_tp":
+    if cfg.mesh.rules == "fsdp_tp":
+        tips.append("mesh.rules=fsdp_tp_vision_dp (splits the vision towers' images over `tensor` too)")
+    elif cfg.mesh.rules != "fsdp_tp_vision_dp":
         tips.append("mesh.rules=fsdp_tp with mesh.tensor=4 (shards heads/MLP too)")
     tips.append("a larger slice or a smaller train.batch_size")
     return "; ".join(tips)

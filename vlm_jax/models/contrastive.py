@@ -17,7 +17,7 @@ def text_encoder_spec(cfg: ModelConfig) -> EncoderSpec:
     e = cfg.text_encoder
     return EncoderSpec(e.hidden_size, e.num_heads, e.intermediate_size, e.norm_eps, e.hidden_act,
                        attention_bias=True, embed_axis="embed", heads_axis="heads", mlp_axis="mlp",
-                       length_axis="length", layers_axis="layers")
+                       length_axis="length", layers_axis="layers", batch_axis="batch")
 
 
 def sigmoid_style(cfg: ModelConfig) -> bool:

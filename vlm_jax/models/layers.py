@@ -215,6 +215,8 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    batch_axis: str = "batch"
+    length_axis: str = "length"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
@@ -237,7 +239,7 @@ class Attention(nn.Module):
         return k, self.v_proj(x)
 
     def attend(self, q, k, v, mask):
-        q = constrain(q, ("batch", "length", "act_heads", None))
+        q = constrain(q, (self.batch_axis, self.length_axis, "act_heads", None))
         out = dot_product_attention(q, k, v, mask, impl=self.attention_impl)
         return self.o_proj(out)
 
@@ -307,6 +309,7 @@ class EncoderSpec:
     mlp_axis: str = "vision_mlp"
     length_axis: str = "vision_length"
     layers_axis: str = "vision_layers"
+    batch_axis: str = "vision_batch"
 
 
 class EncoderLayer(nn.Module):
@@ -325,7 +328,7 @@ class EncoderLayer(nn.Module):
         inputs = x
         h = Attention(sp.hidden_size, sp.num_heads, sp.num_heads, sp.hidden_size // sp.num_heads, sp.embed_axis,
                       sp.heads_axis, sp.heads_axis, use_bias=sp.attention_bias, attention_impl=self.attention_impl,
-                      name="self_attn", **kw)(LayerNorm(sp.embed_axis, sp.norm_eps, name="input_layernorm", **kw)(x),
+                      batch_axis=sp.batch_axis, length_axis=sp.length_axis, name="self_attn", **kw)(LayerNorm(sp.embed_axis, sp.norm_eps, name="input_layernorm", **kw)(x),
                                               mask)
         if self.gated:
             h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), self.param_dtype)).astype(h.dtype) * h
@@ -334,7 +337,7 @@ class EncoderLayer(nn.Module):
             LayerNorm(sp.embed_axis, sp.norm_eps, name="post_attention_layernorm", **kw)(x))
         if self.gated:
             h = jnp.tanh(param(self, "gate_ffn", nn.initializers.zeros, (1,), (None,), self.param_dtype)).astype(h.dtype) * h
-        x = constrain(x + h, ("batch", sp.length_axis, "act_embed"))
+        x = constrain(x + h, (sp.batch_axis, sp.length_axis, "act_embed"))
         return x, {"input": inputs, "output": x, "none": None}[self.emit]
 
 

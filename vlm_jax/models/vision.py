@@ -53,6 +53,7 @@ class MllamaVisionEncoder(nn.Module):
         ar_ids = aspect_ratio_ids.reshape(b * n)
 
         pixels = jnp.transpose(pixel_values.reshape(b * n * t, c, hgt, wid), (0, 2, 3, 1)).astype(dtype)
+        pixels = constrain(pixels, ("vision_batch", None, None, None))
         x = nn.Conv(hv, (v.patch_size, v.patch_size), strides=v.patch_size, padding="VALID", use_bias=False,
                     dtype=dtype, param_dtype=pdtype, name="patch_embedding",
                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
@@ -79,7 +80,7 @@ class MllamaVisionEncoder(nn.Module):
 
         padded = v.padded_num_patches
         x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - p), (0, 0))).reshape(b * n, t * padded, hv)
-        x = constrain(x, ("batch", "vision_length", "act_embed"))
+        x = constrain(x, ("vision_batch", "vision_length", "act_embed"))
         mask = tile_attention_mask(aspect_ratio_mask.reshape(b * n, t), p, padded)
 
         spec = mllama_encoder_spec(cfg)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import ModelConfig, ViTConfig
-from vlm_jax.models.layers import (EncoderSpec, GeluMLP, LayerNorm, Linear, dot_product_attention, dtype_of,
-                                   param)
+from vlm_jax.models.layers import (EncoderSpec, GeluMLP, LayerNorm, Linear, constrain, dot_product_attention,
+                                   dtype_of, param)
 from vlm_jax.models.vision import encoder_stack
 
 
@@ -81,7 +81,7 @@ class ViT(nn.Module):
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         b = pixel_values.shape[0]
-        pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype)
+        pixels = constrain(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype), ("vision_batch", None, None, None))
         x = nn.Conv(v.hidden_size, (v.patch_size, v.patch_size), strides=v.patch_size, padding="VALID",
                     use_bias=not v.class_token, name="patch_embedding",
                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
@@ -102,6 +102,7 @@ class ViT(nn.Module):
             mask = patch_mask.reshape(b, 1, 1, -1)  # keys only: every query sees the valid patches
         if v.class_token:
             x = LayerNorm("vision_embed", v.norm_eps, name="pre_layernorm", **kw)(x)
+        x = constrain(x, ("vision_batch", "vision_length", "act_embed"))
         last, per_layer = encoder_stack(cfg, "encoder", vit_encoder_spec(v), v.num_layers, emit="output")(x, mask)
         hidden_states = jnp.concatenate([x[None], per_layer], axis=0)
         final = LayerNorm("vision_embed", v.norm_eps, name="post_layernorm", **kw)(last)
