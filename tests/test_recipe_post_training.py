@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from vlm_jax import cli
+from vlm_jax import cli, recipe
 from vlm_jax.config import load_config
 from vlm_jax.data.sources.jsonl import parse_record
 from vlm_jax.errors import ConfigError, UserError
@@ -167,6 +167,19 @@ def test_a_sweep_is_not_trained_by_the_trainer_alone(tmp_path):
     with pytest.raises(ConfigError, match="stage 'sft' \\(step 8\\) sweeps 2 variants, which the recipe runner trains"):
         Trainer(cfg, echo=lambda m: None)
     assert not os.listdir(tmp_path)
+
+
+def test_several_processes_run_the_recipe_up_to_its_first_one_process_stage(tmp_path, monkeypatch):
+    """A pod runs the adapter stages (cut by train.steps); the sweep, reward model and sampling are refused in
+    one line that says where to cut, and only when the run would reach them."""
+    monkeypatch.setattr(recipe.jax, "process_count", lambda: 8)
+    with pytest.raises(ConfigError, match=r"stage 'sft' \(a sweep\) runs in one process, and this run has 8: set "
+                                          r"train.steps=600 to train the stages before it here, then run the rest on "
+                                          r"one host"):
+        recipe.Recipe(load_config(RECIPE, [f"workdir={tmp_path}"]))
+    for steps in (600, 550):
+        stages = recipe.Recipe(load_config(RECIPE, [f"workdir={tmp_path}", f"train.steps={steps}"])).stages
+        assert [s.name for s in stages if s.start < steps] == ["pretrain", "anneal"]
 
 
 def test_a_sample_stage_that_leaves_a_later_stage_nothing_stops_in_one_line(tmp_path):

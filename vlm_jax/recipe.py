@@ -103,9 +103,18 @@ class Recipe:
             if stage.sweep and stage.sweep.soup != "average" and not self.stage_data(stage).eval_sources:
                 raise ConfigError(f"train.stages[{stage.index}].sweep.soup '{stage.sweep.soup}' ranks the variants "
                                   "by held-out accuracy, but the stage's data has no eval_sources; list some")
-        if jax.process_count() > 1 and any(not s.trains_in_place for s in self.stages):
-            raise ConfigError("the recipe's sweep, reward_model and sample stages run in one process; run them "
-                              "on one host, or give each process's stages in a config of plain train stages")
+        side = [s for s in self.stages if not s.trains_in_place and self.reaches(s)]
+        if jax.process_count() > 1 and side:
+            before = (f"set train.steps={side[0].start} to train the stages before it here, then run the rest"
+                      if side[0].start else "run the recipe")
+            raise ConfigError(f"stage '{side[0].name}' ({'a sweep' if side[0].sweep else side[0].kind}) runs in one "
+                              f"process, and this run has {jax.process_count()}: {before} on one host")
+
+    def reaches(self, stage: Stage) -> bool:
+        """Whether the run gets to `stage`: train.steps may cut the recipe short, and a stage that would start at
+        the cut does not run."""
+        return stage.start < self.end or (stage.start == self.end and not stage.steps
+                                          and self.end >= self.stages[-1].end)
 
     def stage_data(self, stage: Stage):
         return stage_data_config(self.cfg.data, stage.data, f"train.stages[{stage.index}].data")
@@ -120,8 +129,7 @@ class Recipe:
     def run(self) -> RunResult:
         """Every stage up to train.steps (all of them when it is 0); stops early, like the Trainer, on a signal."""
         for i, stage in enumerate(self.stages):
-            # train.steps may cut the recipe short: a stage that would start at the cut does not run.
-            if stage.start > self.end or (stage.start == self.end and (stage.steps or self.end < self.stages[-1].end)):
+            if not self.reaches(stage):
                 break
             following = self.stages[i + 1] if i + 1 < len(self.stages) else None
             if stage.trains_in_place and following and following.trains_in_place and not self.cfg.train.eval_examples:
