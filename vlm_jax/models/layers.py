@@ -326,10 +326,11 @@ class EncoderLayer(nn.Module):
     def __call__(self, x, mask):
         sp, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inputs = x
-        h = Attention(sp.hidden_size, sp.num_heads, sp.num_heads, sp.hidden_size // sp.num_heads, sp.embed_axis,
-                      sp.heads_axis, sp.heads_axis, use_bias=sp.attention_bias, attention_impl=self.attention_impl,
-                      batch_axis=sp.batch_axis, length_axis=sp.length_axis, name="self_attn", **kw)(LayerNorm(sp.embed_axis, sp.norm_eps, name="input_layernorm", **kw)(x),
-                                              mask)
+        attention = Attention(sp.hidden_size, sp.num_heads, sp.num_heads, sp.hidden_size // sp.num_heads,
+                              sp.embed_axis, sp.heads_axis, sp.heads_axis, use_bias=sp.attention_bias,
+                              attention_impl=self.attention_impl, batch_axis=sp.batch_axis,
+                              length_axis=sp.length_axis, name="self_attn", **kw)
+        h = attention(LayerNorm(sp.embed_axis, sp.norm_eps, name="input_layernorm", **kw)(x), mask)
         if self.gated:
             h = jnp.tanh(param(self, "gate_attn", nn.initializers.zeros, (1,), (None,), self.param_dtype)).astype(h.dtype) * h
         x = x + h

@@ -81,7 +81,8 @@ class ViT(nn.Module):
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         b = pixel_values.shape[0]
-        pixels = constrain(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype), ("vision_batch", None, None, None))
+        pixels = constrain(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype),
+                           ("vision_batch", None, None, None))
         x = nn.Conv(v.hidden_size, (v.patch_size, v.patch_size), strides=v.patch_size, padding="VALID",
                     use_bias=not v.class_token, name="patch_embedding",
                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
