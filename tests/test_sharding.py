@@ -16,9 +16,11 @@ from vlm_jax import sharding
 from vlm_jax.config import ConfigError, MeshConfig, load_config
 from vlm_jax.convert import from_hf
 from vlm_jax.families import abstract_params, get_family
+from vlm_jax.train.state import abstract_with_shardings
+from train_helpers import ROOT
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mesh_rules.json")
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "models")
+CONFIGS = os.path.join(ROOT, "configs", "models")
 PRESETS = ("dp", "fsdp", "fsdp_tp", "fsdp_tp_vision_dp")
 
 
@@ -60,8 +62,7 @@ def _compiled_image_encoder(model_yaml: str, rules_name: str, image_keys: tuple[
     images = {k: v for k, v in family.example_inputs(cfg.model, batch=8).items() if k in image_keys}
     mesh, rules = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), sharding.load_rules(rules_name)
     boxed = abstract_params(model)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
-                          sharding.param_shardings(boxed, mesh, rules))
+    params = abstract_with_shardings(nn.meta.unbox(boxed), sharding.param_shardings(boxed, mesh, rules))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         encode = jax.jit(lambda p, b: model.apply({"params": p}, **b, method="encode_images"))
         hlo = encode.lower(params, sharding.shard_batch(images, mesh, rules)).compile().as_text()
