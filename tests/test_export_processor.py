@@ -3,6 +3,11 @@ template, plain `model.generate` with no stop ids) answers exactly as `vlm-jax g
 processor prepares exactly our prompt ids and pixels; token ids come from the tokenizer, at export and at train
 start."""
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -15,6 +20,7 @@ from vlm_jax.config import Config, load_config
 from vlm_jax.data import EmbeddedSource, ExamplePreparer, get_template, task_texts, train_sentencepiece
 from vlm_jax.families import build_model, get_family, init_params
 from vlm_jax.infer.answer import Answerer
+from vlm_jax.paths import WRITING_MARKER
 from vlm_jax.train import checkpoint
 
 torch = pytest.importorskip("torch")
@@ -183,3 +189,44 @@ def test_import_keeps_the_processor_files_and_export_copies_them_back(mllama_exp
         assert (tmp_path / "hf" / name).read_bytes() == open(f"{out}/{name}", "rb").read(), name
     generation = json.load(open(tmp_path / "hf" / "generation_config.json"))
     assert generation == json.load(open(f"{out}/generation_config.json"))
+
+
+# `vlm-jax export` in a process that SIGKILLs itself once the weights file holds its first tensor.
+_EXPORT_KILLED_MID_WEIGHTS = """
+import os, signal, sys
+from vlm_jax.cli import main
+from vlm_jax.convert import safetensors_io
+
+write_file = safetensors_io._write_file
+
+def write_one_tensor_then_die(path, shard, tensors):
+    def first_then_kill():
+        yield next(tensors)
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_file(path, shard, first_then_kill())
+
+safetensors_io._write_file = write_one_tensor_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_export_is_replaced_by_the_next_into_the_same_out(mllama_export, tmp_path, capsys):
+    """A SIGKILL cannot be cleaned up after: the next export into that --out finds the marker the killed one left
+    and writes the whole export; an --out holding anything else is still refused."""
+    whole = pathlib.Path(mllama_export[-1])
+    argv = ["export", "--checkpoint", str(whole.parent / "ckpt"), "--to", "hf", "--out", str(tmp_path / "hf")]
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_KILLED_MID_WEIGHTS, *argv], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    left = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {WRITING_MARKER, "model.safetensors.tmp"} <= left and "model.safetensors" not in left, left
+    assert cli_main(argv) == 0
+    assert "removed the partial output a killed run left there" in capsys.readouterr().err
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert files == sorted(p.name for p in whole.iterdir()) and WRITING_MARKER not in files
+    for name in files:
+        assert (tmp_path / "hf" / name).read_bytes() == (whole / name).read_bytes(), name
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.safetensors.tmp").write_bytes(b"someone else's")
+    assert cli_main([*argv[:-1], str(tmp_path / "mine")]) == 2
+    assert "output directory is not empty" in capsys.readouterr().err

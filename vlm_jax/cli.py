@@ -36,9 +36,12 @@ def cmd_info(args):
 
 
 def _empty_out(out: str):
-    """--out as a path that holds nothing yet (nothing is ever overwritten)."""
-    from vlm_jax.paths import check_writable, is_nonempty, user_path
+    """--out as a path that holds nothing yet (nothing is ever overwritten, but the partial output of a killed
+    command of ours is replaced)."""
+    from vlm_jax.paths import check_writable, clear_killed_write, is_nonempty, user_path
     path = user_path(out, "--out")
+    if clear_killed_write(path):
+        print(f"{out}: removed the partial output a killed run left there; writing it again", file=sys.stderr)
     if is_nonempty(path):
         raise_user(f"{out}: output directory is not empty; choose a new --out (nothing is overwritten)")
     check_writable(path, "--out", folder=True)
@@ -59,11 +62,13 @@ def cmd_import(args):
     from vlm_jax.config import Config, apply_overrides
     from vlm_jax.convert import from_hf, import_notes, read_hf_config
     from vlm_jax.convert.processor import keep_processor_files
+    from vlm_jax.paths import writing_folder
     from vlm_jax.train import checkpoint
     out = _empty_out(args.out)
     model, params = from_hf(args.hf, **apply_overrides({}, args.set or []))
-    checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
-    kept = keep_processor_files(args.hf, out)  # export copies them back
+    with writing_folder(out):
+        checkpoint.save_params(out, params, Config(model=model.config), hf_config=read_hf_config(args.hf))
+        kept = keep_processor_files(args.hf, out)  # export copies them back
     for note in import_notes(model.config):
         print(f"note: {note}")
     print(f"imported {args.hf} -> {out} (step 0)" + (f"; kept {', '.join(kept)}" if kept else ""))
@@ -86,7 +91,7 @@ def cmd_export(args):
     from vlm_jax.data import load_tokenizer
     from vlm_jax.families import build_model
     from vlm_jax.infer.answer import tokenizer_path
-    from vlm_jax.paths import emptied_on_error, user_path, write_atomic
+    from vlm_jax.paths import user_path, write_atomic, writing_folder
     from vlm_jax.train import checkpoint
     if args.to != "hf":
         raise_user(f"--to {args.to}: only 'hf' is supported")
@@ -98,7 +103,7 @@ def cmd_export(args):
     kept = None if args.tokenizer else kept_processor_dir(args.checkpoint)
     tokenizer_file, looked_at = tokenizer_path(config, args.checkpoint, args.tokenizer)
     # Parameters are read one at a time as they are written; a failed export takes its partial files away.
-    with emptied_on_error(out), checkpoint.lazy_params(args.checkpoint) as params:
+    with writing_folder(out), checkpoint.lazy_params(args.checkpoint) as params:
         if kept:  # an imported checkpoint: its own tokenizer, template and processor, and its config's ids
             notes = to_hf(build_model(config.model), params, out, dtype=args.dtype, hf_config_base=hf_config,
                           max_shard_bytes=max_shard_bytes, vision_layer_convention=convention)
@@ -172,13 +177,13 @@ def cmd_soup(args):
     import json
 
     from vlm_jax.infer.soup import check_method, soup_checkpoints, soup_row, soup_table, write_soup
-    from vlm_jax.paths import emptied_on_error, write_atomic
+    from vlm_jax.paths import write_atomic, writing_folder
     check_method(args.method, bool(args.eval_config))
     cfg = _eval_config(args.eval_config, args.overrides) if args.eval_config else None
     out, json_out = _empty_out(args.out), _json_out(args.json)
     soup = soup_checkpoints(args.checkpoints, args.method, cfg.data if cfg else None, args.limit, args.tokenizer,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    with emptied_on_error(out):
+    with writing_folder(out):
         write_soup(out, soup.params, args.checkpoints[soup.source])
     print(soup_table(args.checkpoints, args.method, soup))
     if json_out:
@@ -219,7 +224,7 @@ def cmd_sample(args):
     from vlm_jax.infer.answer import load_answerer
     from vlm_jax.infer.generate import Sampling
     from vlm_jax.infer.sample import DATA_FILE, PAIRS_FILE, judge, results_table, sample_sources, write_dataset
-    from vlm_jax.paths import emptied_on_error, write_atomic
+    from vlm_jax.paths import write_atomic, writing_folder
     if args.num_samples > 1 and args.temperature == 0:
         raise_user(f"--num-samples {args.num_samples} at --temperature 0 draws the same greedy answer each time; "
                    "give --temperature > 0 (e.g. 0.7)")
@@ -237,7 +242,7 @@ def cmd_sample(args):
                              args.batch_size)
     results = sample_sources(answerer, cfg.data.eval_sources, args.limit, score, threshold, args.num_samples,
                              args.seed)
-    with emptied_on_error(out):
+    with writing_folder(out):
         written = write_dataset(out, results)
     print(results_table(results))
     if json_out:

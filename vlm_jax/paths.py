@@ -99,16 +99,36 @@ def write_atomic(path: epath.Path, data: str | bytes):
         f.write(data)
 
 
+# Sits in an output folder while a command writes it (`writing_folder`); found there later, it means the writer
+# was killed (SIGKILL, a lost machine) and what is beside it is a partial output of ours.
+WRITING_MARKER = ".vlm_jax_writing"
+
+
+def _empty(folder: epath.Path):
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.is_dir():
+            path.rmtree()
+        else:
+            path.unlink()
+
+
 @contextlib.contextmanager
-def emptied_on_error(folder: epath.Path):
-    """For writing into `folder` while it holds nothing else: on an error or an interrupt, what was written there
-    is removed, so nothing partial blocks writing there again (a killed process still leaves its files)."""
+def writing_folder(folder: epath.Path):
+    """For writing into `folder` while it holds nothing else. On an error or an interrupt what was written there is
+    removed; a killed process leaves its files and the marker, which `clear_killed_write` recognises."""
     try:
+        write_atomic(folder / WRITING_MARKER, "an output being written; if no command is writing it, the writer "
+                                              "was killed and the next command that writes here replaces it\n")
         yield folder
     except BaseException:
-        for path in folder.iterdir() if folder.is_dir() else ():
-            if path.is_dir():
-                path.rmtree()
-            else:
-                path.unlink()
+        _empty(folder)
         raise
+    (folder / WRITING_MARKER).unlink()
+
+
+def clear_killed_write(folder: epath.Path) -> bool:
+    """Removes what a killed `writing_folder` left in `folder` (it holds the marker); False when it is not that."""
+    if not (folder / WRITING_MARKER).exists():
+        return False
+    _empty(folder)
+    return True
