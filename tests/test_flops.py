@@ -7,11 +7,13 @@ for a frozen group nothing trainable feeds, 2x for a frozen one gradients pass t
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax.config import load_config
+from vlm_jax.objectives import REFERENCE_LOGPS
 from vlm_jax.train import flops
 from vlm_jax.train.loop import Trainer
-from vlm_jax.train.step import batch_shardings, make_train_step
+from vlm_jax.train.step import batch_shardings, make_reference_step, make_train_step
 
 from train_helpers import ROOT
 
@@ -73,3 +75,21 @@ def test_frozen_groups_and_absent_tiles_change_the_count(tmp_path):
     padded_slots = dict(example, aspect_ratio_ids=np.zeros_like(example["aspect_ratio_ids"]))  # no image at all
     assert flops.train_flops(m, padded_slots, params) < flops.train_flops(m, half, params)
     assert flops.train_flops(m, half, params, padded=True) == everything
+
+
+def test_a_dpo_stage_adds_one_forward_of_its_reference(tmp_path):
+    """DPO scores every batch under its frozen reference (a program of its own): its forward FLOPs, as XLA counts
+    that program, are what `reference=True` adds to the step's."""
+    trainer = _trainer("tiny_mllama", tmp_path)
+    cfg, stage = trainer.cfg, trainer.stages[0]
+    plan, example = trainer.plan(stage), trainer.data.example_batch(0)
+    params = trainer.fresh_state().params
+    step = make_reference_step(trainer.model, cfg.train, stage, plan.shardings.params,
+                               {**batch_shardings(example, trainer.mesh, trainer.rules),
+                                REFERENCE_LOGPS: NamedSharding(trainer.mesh, P())},
+                               trainer.mesh, trainer.rules)
+    cost = step.lower(params, trainer.place(example)).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    added = (flops.train_flops(cfg.model, example, plan.trainable, reference=True)
+             - flops.train_flops(cfg.model, example, plan.trainable))
+    assert 0.95 < added / xla < 1.05, (added, xla)

@@ -5,10 +5,13 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import pytest
 
 from vlm_jax import cli, plan
 from vlm_jax.config import load_config
+from vlm_jax.families import abstract_params, get_family
 from vlm_jax.topology import TopologyError, parse_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +99,20 @@ def test_plan_json_and_its_argument_errors(tmp_path, capsys):
         assert cli.main(["plan", "--config", config, "--topology", "v5p-8", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_plan_of_a_dpo_stage_counts_its_reference_model(tmp_path, capsys):
+    """The frozen reference stays on device beside the train step, and its own log-prob pass runs beside the
+    train state: with params replicated, the reference holds every parameter in full on each device."""
+    config = os.path.join(REPO, "configs/recipes/tiny_llama3v.yaml")
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--config", config, "--topology", "v5p-8", "--stage", "dpo", "mesh.data=-1", "mesh.fsdp=1",
+            "--json", str(out)]
+    assert cli.main(argv) == 0
+    assert "DPO reference model: its params" in capsys.readouterr().out
+    (dpo,) = json.loads(out.read_text())["stages"]
+    cfg = load_config(config)
+    n_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(get_family(cfg.model).build(cfg.model)))))
+    assert dpo["reference_bytes"] == 4 * n_params  # fp32, whole on every device
+    assert dpo["reference_step_bytes"] > 3 * dpo["reference_bytes"]  # the pass's own params + params and Adam state
+    assert dpo["total_bytes"] == max(dpo["step_bytes"] + dpo["reference_bytes"], dpo["reference_step_bytes"])

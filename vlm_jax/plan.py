@@ -7,6 +7,7 @@ the slice. Nothing runs: XLA's compiled memory and cost analyses are the figures
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,11 +20,12 @@ from vlm_jax.config.model import vision_remat
 from vlm_jax.errors import ConfigError
 from vlm_jax.families import abstract_params, get_family
 from vlm_jax.models.attention import resolved_model
+from vlm_jax.objectives import REFERENCE_LOGPS
 from vlm_jax.train import flops
 from vlm_jax.train.data import TrainData, open_train_data
 from vlm_jax.train.recipe import Stage, resolve_stages
 from vlm_jax.train.state import StagePlan, TrainState, abstract_with_shardings
-from vlm_jax.train.step import batch_shardings, make_train_step
+from vlm_jax.train.step import batch_shardings, make_reference_step, make_train_step
 
 GiB = 1 << 30
 
@@ -44,11 +46,21 @@ class StageReport:
     peak_flops: float  # per device
     assumed_mfu: float
     compiler_oom: str = ""  # XLA's own verdict when the program cannot fit at all (it then stops compiling)
+    # A DPO stage also keeps its frozen reference params on device, and runs a second program (the reference's
+    # log-probs of each batch) while the train state stays there.
+    reference_bytes: int = 0  # per device, held beside the train step's own buffers
+    reference_step_bytes: int = 0  # per device: the reference pass's peak + the train state it runs beside
+
+    @property
+    def step_bytes(self) -> int:
+        """The train step's peak live bytes: inputs + temporaries + outputs that do not reuse (donated) input
+        buffers + code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
 
     @property
     def total_bytes(self) -> int:
-        """Peak live bytes: inputs + temporaries + outputs that do not reuse (donated) input buffers + code."""
-        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+        """The stage's peak on a device: the larger of its two programs with what stays resident beside each."""
+        return max(self.step_bytes + self.reference_bytes, self.reference_step_bytes)
 
     @property
     def fits(self) -> bool:
@@ -59,7 +71,8 @@ class StageReport:
 
     def as_dict(self) -> dict:
         """Every field and derived figure, for `plan --json`."""
-        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "fits": self.fits,
+        return {**dataclasses.asdict(self), "step_bytes": self.step_bytes, "total_bytes": self.total_bytes,
+                "fits": self.fits,
                 "step_seconds_at_peak": self.step_seconds(1.0),
                 "step_seconds_at_assumed_mfu": self.step_seconds(self.assumed_mfu)}
 
@@ -70,6 +83,31 @@ def _abstract_batch(data: TrainData, stage: Stage, mesh, rules) -> dict:
     rows = data.global_batch(stage.index)
     shapes = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in example.items()}
     return abstract_with_shardings(shapes, batch_shardings(shapes, mesh, rules))
+
+
+def _device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays (the largest shard: uneven splits pad)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.generated_code_size_in_bytes)
+
+
+def _reference_bytes(model, cfg: Config, stage: Stage, state: TrainState, batch: dict, mesh, rules) -> dict:
+    """A DPO stage's reference model on device (its batches carry the reference's column): its params beside the
+    train step, and the peak of the pass that scores each batch under it, with the train state beside that pass."""
+    if REFERENCE_LOGPS not in batch:
+        return {}
+    reference = state.params  # a copy of the stage's starting params, sharded like them
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+    step = make_reference_step(model, cfg.train, stage, jax.tree.map(lambda x: x.sharding, reference), batch_sh,
+                               mesh, rules)
+    pass_bytes = _peak_bytes(step.lower(reference, {k: v for k, v in batch.items() if k != REFERENCE_LOGPS})
+                             .compile())
+    return dict(reference_bytes=_device_bytes(reference), reference_step_bytes=pass_bytes + _device_bytes(state))
 
 
 def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, devices,
@@ -92,7 +130,8 @@ def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, de
     seq_len = data.sample_shape(stage.index)[0]
     rows = data.global_batch(stage.index)
     example = data.example_batch(stage.index)
-    per_sample = flops.train_flops(cfg.model, example, stage_plan.trainable, padded=True) / len(example["input_ids"])
+    per_sample = flops.train_flops(cfg.model, example, stage_plan.trainable, padded=True,
+                                   reference=REFERENCE_LOGPS in example) / len(example["input_ids"])
     report = dict(stage=stage.name, hbm_bytes=s.chip.hbm_bytes // topology.devices_per_chip(s, devices),
                   model_flops=per_sample * rows / len(devices), tokens=rows * seq_len, assumed_mfu=assumed_mfu,
                   peak_flops=s.chip.peak_bf16_flops / topology.devices_per_chip(s, devices))
@@ -105,6 +144,7 @@ def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, de
         return StageReport(compile_s=time.perf_counter() - start, argument_bytes=0, temp_bytes=0, output_bytes=0,
                            alias_bytes=0, code_bytes=0, xla_flops=0.0,
                            compiler_oom=str(e).split("RESOURCE_EXHAUSTED: ")[-1].splitlines()[0], **report)
+    report.update(_reference_bytes(model, cfg, stage, state, batch, mesh, rules))
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -141,6 +181,9 @@ def format_report(r: StageReport) -> str:
         f"stage '{r.stage}' (compiled in {r.compile_s:.1f} s)",
         f"  memory per device: arguments {g(r.argument_bytes)}, temporaries {g(r.temp_bytes)}, outputs "
         f"{g(r.output_bytes - r.alias_bytes)} (+{g(r.alias_bytes)} donated), code {g(r.code_bytes)}",
+        *([f"  DPO reference model: its params {g(r.reference_bytes)} stay beside the train step ("
+           f"{g(r.step_bytes + r.reference_bytes)}); its log-prob pass peaks at {g(r.reference_step_bytes)} "
+           "with the train state beside it"] if r.reference_bytes else []),
         f"  total {g(r.total_bytes)} of {g(r.hbm_bytes)} HBM -> {verdict} ({100 * r.total_bytes / r.hbm_bytes:.0f}%)",
         f"  FLOPs per step per device: model {r.model_flops:.3e} (config, every image tile), XLA {r.xla_flops:.3e} (compiled; "
         "counts each scanned loop body once)",

@@ -18,15 +18,17 @@ from vlm_jax.config import ModelConfig
 from vlm_jax.families import get_family
 
 
-def train_flops(m: ModelConfig, batch: dict, trainable: frozenset[str], padded: bool = False) -> float:
-    """Training FLOPs of one step on `batch` (all its rows; see `Family.flops_groups` for `padded`)."""
+def train_flops(m: ModelConfig, batch: dict, trainable: frozenset[str], padded: bool = False,
+                reference: bool = False) -> float:
+    """Training FLOPs of one step on `batch` (all its rows; see `Family.flops_groups` for `padded`), plus one
+    forward pass of the frozen reference model with `reference` (DPO scores every batch under it)."""
     groups = get_family(m).flops_groups(m, batch, padded)
     feeds, total = {}, 0.0  # feeds: the group's output carries a gradient (it or something upstream trains)
     for g in groups:
         trains = _trains(g.params, trainable)
         crossed = any(feeds[i] for i in g.inputs) or bool(g.norms and _trains(g.norms, trainable))
         feeds[g.name] = trains or crossed
-        total += g.forward * (3 if trains else 2 if crossed else 1)
+        total += g.forward * ((3 if trains else 2 if crossed else 1) + reference)
     return total
 
 

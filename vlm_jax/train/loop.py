@@ -342,7 +342,8 @@ class Trainer:
                                   batch_sh, self.mesh, self.rules)
         eval_fn = make_eval_step(self.model, train, stage, plan.shardings.params, batch_sh, self.mesh, self.rules)
         self.reference = self.reference_logps = None
-        if needs_reference(get_objective(self.cfg.model, stage_train_config(train, stage))):
+        with_reference = needs_reference(get_objective(self.cfg.model, stage_train_config(train, stage)))
+        if with_reference:
             self.reference = self.load_reference(state, stage, plan)
             self.reference_logps = make_reference_step(self.model, train, stage, plan.shardings.params, batch_sh,
                                                        self.mesh, self.rules)
@@ -352,7 +353,8 @@ class Trainer:
         try:
             while step < stage_end:
                 host = next(source)
-                step_flops = flops.train_flops(self.cfg.model, host, plan.trainable) * rows / len(host["input_ids"])
+                step_flops = (flops.train_flops(self.cfg.model, host, plan.trainable, reference=with_reference)
+                              * rows / len(host["input_ids"]))
                 if step == stage_start:  # said once: the next step is dispatched before this one's metrics come
                     self.echo(f"compiling the train step of stage '{stage.name}' ...")
                 profiler.before(step + 1)

@@ -99,15 +99,20 @@ def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientT
                        objective={k: v / denom for k, v in sums.metrics.items()})
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return _under_mesh(jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                               donate_argnums=0), mesh, rules)
 
-    def run(state, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, batch)
 
-    def lower(state, batch):  # ahead-of-time compilation (vlm-jax plan), abstract inputs welcome
+def _under_mesh(jitted, mesh, rules) -> Callable:
+    """`jitted` called (and, as `.lower`, compiled ahead of time by `vlm-jax plan` from abstract inputs) under
+    the mesh and the logical axis rules its model code reads."""
+    def run(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted.lower(state, batch)
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(*args)
     run.lower = lower
     return run
 
@@ -122,17 +127,12 @@ def make_eval_step(model, train: TrainConfig, stage: Stage, params_sh, batch_sh:
         return dict(loss=sums.nll / denom, supervised_tokens=sums.weight,
                     objective={k: v / denom for k, v in sums.metrics.items()})
 
-    jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh))
-
-    def run(params, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(params, batch)
-    return run
+    return _under_mesh(jax.jit(evaluate, in_shardings=(params_sh, batch_sh)), mesh, rules)
 
 
 def make_reference_step(model, train: TrainConfig, stage: Stage, params_sh, batch_sh: dict, mesh, rules) -> Callable:
-    """(reference params, batch) -> the batch's `reference_logps` column: each row's answer log-prob under the
-    frozen reference, computed before the train step (which then only reads it)."""
+    """(reference params, batch without the column) -> the batch's `reference_logps` column: each row's answer
+    log-prob under the frozen reference, computed before the train step (which then only reads it)."""
     train = stage_train_config(train, stage)
     family = get_family(model.config)
     inputs_sh = {k: v for k, v in batch_sh.items() if k != REFERENCE_LOGPS}
@@ -140,9 +140,5 @@ def make_reference_step(model, train: TrainConfig, stage: Stage, params_sh, batc
     def logps(params, batch):
         return answer_logps(model, params, family.model_kwargs(batch), batch, train)
 
-    jitted = jax.jit(logps, in_shardings=(params_sh, inputs_sh), out_shardings=batch_sh[REFERENCE_LOGPS])
-
-    def run(params, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(params, {k: v for k, v in batch.items() if k != REFERENCE_LOGPS})
-    return run
+    return _under_mesh(jax.jit(logps, in_shardings=(params_sh, inputs_sh), out_shardings=batch_sh[REFERENCE_LOGPS]),
+                       mesh, rules)
