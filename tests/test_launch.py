@@ -112,7 +112,8 @@ def test_plan_of_a_dpo_stage_counts_its_reference_model(tmp_path, capsys):
     assert "DPO reference model: its params" in capsys.readouterr().out
     (dpo,) = json.loads(out.read_text())["stages"]
     cfg = load_config(config)
-    n_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(get_family(cfg.model).build(cfg.model)))))
+    model = get_family(cfg.model).build(cfg.model)
+    n_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(model))))
     assert dpo["reference_bytes"] == 4 * n_params  # fp32, whole on every device
     assert dpo["reference_step_bytes"] > 3 * dpo["reference_bytes"]  # the pass's own params + params and Adam state
     assert dpo["total_bytes"] == max(dpo["step_bytes"] + dpo["reference_bytes"], dpo["reference_step_bytes"])
