@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -170,16 +171,35 @@ def test_a_sweep_is_not_trained_by_the_trainer_alone(tmp_path):
 
 
 def test_several_processes_run_the_recipe_up_to_its_first_one_process_stage(tmp_path, monkeypatch):
-    """A pod runs the adapter stages (cut by train.steps); the sweep, reward model and sampling are refused in
-    one line that says where to cut, and only when the run would reach them."""
-    monkeypatch.setattr(recipe.jax, "process_count", lambda: 8)
+    """A pod runs the adapter stages (cut by train.steps); the sweeps, reward model and sampling are refused in
+    one line that says where to cut, and only when the run would reach them before they are done."""
+    def on_a_pod(overrides=()):
+        with monkeypatch.context() as patched:
+            patched.setattr(recipe, "jax", types.SimpleNamespace(process_count=lambda: 8))  # recipe.py's view only
+            return recipe.Recipe(load_config(RECIPE, [f"workdir={tmp_path}", *overrides]))
+
     with pytest.raises(ConfigError, match=r"stage 'sft' \(a sweep\) runs in one process, and this run has 8: set "
-                                          r"train.steps=600 to train the stages before it here, then run the rest on "
-                                          r"one host"):
-        recipe.Recipe(load_config(RECIPE, [f"workdir={tmp_path}"]))
+                                          r"train.steps=600 to train the stages before it here, then run up to step "
+                                          r"700 on one host \(train.steps=700\); the stages after it train here again"):
+        on_a_pod()
     for steps in (600, 550):
-        stages = recipe.Recipe(load_config(RECIPE, [f"workdir={tmp_path}", f"train.steps={steps}"])).stages
+        stages = on_a_pod([f"train.steps={steps}"]).stages
         assert [s.name for s in stages if s.start < steps] == ["pretrain", "anneal"]
+
+    # Once one host has done them in the workdir, the pod trains the stages after them.
+    def commit(directory, step):
+        checkpoint.save_params(str(directory), {"w": np.zeros(2, np.float32)}, load_config(RECIPE), step=step)
+    commit(tmp_path / "checkpoints", 660)  # the sft sweep's soup
+    commit(tmp_path / "stages" / "reward_model" / "checkpoints", 800)
+    (tmp_path / "stages" / "rejection_sampling").mkdir()
+    (tmp_path / "stages" / "rejection_sampling" / "data.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"stage 'sft_sampled' \(a sweep\) runs in one process, and this run has "
+                                          r"8: set train.steps=660 to train the stages before it here, then run up to "
+                                          r"step 700 on one host"):
+        on_a_pod()
+    commit(tmp_path / "checkpoints", 700)
+    pod = on_a_pod()
+    assert all(pod.done(s) for s in pod.stages if not s.trains_in_place)
 
 
 def test_a_sample_stage_that_leaves_a_later_stage_nothing_stops_in_one_line(tmp_path):

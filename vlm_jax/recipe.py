@@ -103,12 +103,30 @@ class Recipe:
             if stage.sweep and stage.sweep.soup != "average" and not self.stage_data(stage).eval_sources:
                 raise ConfigError(f"train.stages[{stage.index}].sweep.soup '{stage.sweep.soup}' ranks the variants "
                                   "by held-out accuracy, but the stage's data has no eval_sources; list some")
-        side = [s for s in self.stages if not s.trains_in_place and self.reaches(s)]
-        if jax.process_count() > 1 and side:
-            before = (f"set train.steps={side[0].start} to train the stages before it here, then run the rest"
-                      if side[0].start else "run the recipe")
-            raise ConfigError(f"stage '{side[0].name}' ({'a sweep' if side[0].sweep else side[0].kind}) runs in one "
-                              f"process, and this run has {jax.process_count()}: {before} on one host")
+        if jax.process_count() > 1:
+            self.check_one_process_stages_done()
+
+    def check_one_process_stages_done(self):
+        """A run of several processes trains the stages that train in place; the sweeps, reward models and
+        samplings it reaches must already be done in the workdir (by a run on one host)."""
+        pending = [s for s in self.stages if not s.trains_in_place and self.reaches(s) and not self.done(s)]
+        if not pending:
+            return
+        first, last = pending[0], pending[-1]
+        here = f"set train.steps={first.start} to train the stages before it here, then " if first.start else ""
+        rest = (f"up to step {last.end} on one host (train.steps={last.end}); the stages after it train here again"
+                if last.end < self.end else "the rest on one host")
+        raise ConfigError(f"stage '{first.name}' ({'a sweep' if first.sweep else first.kind}) runs in one process, "
+                          f"and this run has {jax.process_count()}: {here}run {rest}")
+
+    def done(self, stage: Stage) -> bool:
+        """Whether a sweep, reward model or sampling stage has its output committed in the workdir (a rerun, on
+        any number of processes, skips it)."""
+        if stage.sweep:
+            return self.committed(self.ckpt_dir) >= stage.end
+        if stage.kind == "reward_model":
+            return self.committed(stage_output_dir(self.cfg.workdir, stage.name) / "checkpoints") >= stage.own_steps
+        return (stage_output_dir(self.cfg.workdir, stage.name) / DATA_FILE).exists()
 
     def reaches(self, stage: Stage) -> bool:
         """Whether the run gets to `stage`: train.steps may cut the recipe short, and a stage that would start at
@@ -181,7 +199,7 @@ class Recipe:
 
     def sweep(self, stage: Stage) -> bool:
         """Each variant trained, then the soup of them committed as the run's checkpoint at the stage's end."""
-        if self.committed(self.ckpt_dir) >= stage.end:
+        if self.done(stage):
             return True
         directory = stage_output_dir(self.cfg.workdir, stage.name)
         paths = []
@@ -204,7 +222,7 @@ class Recipe:
     def sample(self, stage: Stage):
         """The stage's rejection-sampled dataset from the run's model at the stage's step."""
         out = stage_output_dir(self.cfg.workdir, stage.name)
-        if (out / DATA_FILE).exists():
+        if self.done(stage):
             return
         s, data = stage.sample, replace(self.stage_data(stage), tokenizer=self.tokenizer())
         if not data.sources:
