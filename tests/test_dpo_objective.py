@@ -1,12 +1,16 @@
 """The DPO objective equals TRL's sigmoid DPO loss re-implemented here from full logits (numpy for the loss, plain
 jax for the gradients), with label smoothing and the SFT term, for the cross-attention and the unified family;
 gradient accumulation splits a batch by whole pairs."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
+from vlm_jax import sharding
 from vlm_jax.config import DpoConfig, SyntheticDataConfig, TrainConfig, load_config
 from vlm_jax.families import build_model, get_family, init_params
 from vlm_jax.objectives import REFERENCE_LOGPS
@@ -14,7 +18,7 @@ from vlm_jax.errors import ConfigError
 from vlm_jax.registry import OBJECTIVES
 from vlm_jax.train.data import open_train_data
 from vlm_jax.train.recipe import resolve_stages
-from vlm_jax.train.step import _microbatches
+from vlm_jax.train.step import _microbatches, make_reference_step
 from train_helpers import ROOT
 
 DPO = DpoConfig(beta=0.3, label_smoothing=0.1, sft_weight=0.5)
@@ -123,3 +127,23 @@ def test_dpo_config_mistakes_are_one_line(overrides, match):
 
 def _staged(cfg):
     return cfg, resolve_stages(cfg.train), get_family(cfg.model)
+
+
+def test_the_reference_pass_in_microbatches_gives_each_row_its_own_logp():
+    """The frozen reference scores a batch in the train step's microbatches (pairs kept whole) and hands back one
+    log-prob per row in the batch's own order."""
+    cfg = load_config(f"{ROOT}/configs/models/tiny_mllama.yaml", ["train.objective=dpo", "train.steps=2"])
+    model, family = build_model(cfg.model), get_family(cfg.model)
+    params = jax.jit(lambda rng: nn.meta.unbox(init_params(model, rng)))(jax.random.PRNGKey(0))
+    batch = family.synthetic_batch(cfg.model, SyntheticDataConfig(seq_len=20), 8, np.random.default_rng(0))
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = jax.tree.map(lambda _: replicated, params)
+    batch_sh = {k: replicated for k in [*batch, REFERENCE_LOGPS]}
+    stage = resolve_stages(cfg.train)[0]
+    logps = {n: np.asarray(make_reference_step(model, dataclasses.replace(cfg.train, microbatches=n), stage,
+                                               params_sh, batch_sh, mesh, sharding.load_rules(cfg.mesh.rules))(
+                 params, batch)) for n in (1, 2, 4)}
+    assert logps[1].shape == (8,) and len(set(np.round(logps[1], 3))) == 8  # distinct: a wrong order would show
+    for n in (2, 4):
+        np.testing.assert_allclose(logps[n], logps[1], rtol=1e-6, err_msg=f"{n} microbatches")

@@ -42,6 +42,13 @@ def _microbatches(batch: dict, n: int, group: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _unsplit(rows, group: int):
+    """The inverse of `_microbatches` for a per-row result: (n, B/n, ...) -> (B, ...) in the batch's row order."""
+    n, per = rows.shape[:2]
+    grouped = rows.reshape(n, per // group, group, *rows.shape[2:])
+    return jnp.swapaxes(grouped, 0, 1).reshape(n * per, *rows.shape[2:])
+
+
 def make_train_step(model, train: TrainConfig, stage: Stage, tx: optax.GradientTransformation,
                     trainable: frozenset[str], state_sh: TrainState, batch_sh: dict, mesh, rules) -> Callable:
     train = stage_train_config(train, stage)
@@ -137,8 +144,15 @@ def make_reference_step(model, train: TrainConfig, stage: Stage, params_sh, batc
     family = get_family(model.config)
     inputs_sh = {k: v for k, v in batch_sh.items() if k != REFERENCE_LOGPS}
 
-    def logps(params, batch):
+    def micro_logps(params, batch):
         return answer_logps(model, params, family.model_kwargs(batch), batch, train)
+
+    def logps(params, batch):
+        """In the train step's microbatches (the pairs kept whole), so the pass's activations are the step's."""
+        if train.microbatches == 1:
+            return micro_logps(params, batch)
+        micro = _microbatches(batch, train.microbatches, group=2)
+        return _unsplit(jax.lax.map(lambda b: micro_logps(params, b), micro), group=2)
 
     return _under_mesh(jax.jit(logps, in_shardings=(params_sh, inputs_sh), out_shardings=batch_sh[REFERENCE_LOGPS]),
                        mesh, rules)
