@@ -242,3 +242,20 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_two_processes_answer_held_out_questions_together(tmp_path):
+    """Greedy generation is a collective too: with train.eval_examples both processes generate every held-out
+    batch, for the trainer's eval_accuracy and for the accuracy after the stage (which process 0 writes)."""
+    workdir = str(tmp_path / "run")
+    run = [r for r in RUN if not r.startswith("train.eval_every")]
+    outs = _finish(_pair(workdir, "data.shapes.batch_size=4", "train.steps=2", "train.eval_every=2",
+                         "train.eval_examples=8", "train.eval_batches=1", run=run))
+    for out in outs:
+        assert "finished at step 2" in out, out[-4000:]
+    assert "held-out accuracy after each stage (8 records per source)" in outs[0]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f][-1]
+    with open(os.path.join(workdir, "stages", "accuracy.json")) as f:
+        after = json.load(f)["train"]
+    assert after["step"] == 2 and after["sources"]["digits_qa/test"] == logged["eval_accuracy/digits_qa/test"]

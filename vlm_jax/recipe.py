@@ -267,7 +267,8 @@ class Recipe:
                                    perplexity=False)
         table[stage.name] = {"step": step, "accuracy": float(np.mean([r.accuracy for r in results])),
                              "sources": {r.label: r.accuracy for r in results}}
-        write_atomic(self.accuracy_path(), json.dumps(table, indent=2))
+        if jax.process_index() == 0:  # every process evaluated (a collective); one writes, as with metrics.jsonl
+            write_atomic(self.accuracy_path(), json.dumps(table, indent=2))
 
     def print_accuracy(self):
         table = self.accuracies()
