@@ -28,7 +28,7 @@ def train_flops(m: ModelConfig, batch: dict, trainable: frozenset[str], padded: 
         trains = _trains(g.params, trainable)
         crossed = any(feeds[i] for i in g.inputs) or bool(g.norms and _trains(g.norms, trainable))
         feeds[g.name] = trains or crossed
-        total += g.forward * ((3 if trains else 2 if crossed else 1) + reference)
+        total += g.forward * ((3 if trains else 2 if crossed else 1) + int(reference))
     return total
 
 
