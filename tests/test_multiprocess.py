@@ -4,6 +4,8 @@ the real `vlm-jax train` loop with the Grain pipeline sharded per process and Or
 * 2 processes x 4 CPU devices, 4 rows each, give the same per-step losses as 1 process x 8 devices reading the
   same global batch of 8 rows (each packed row holds 2 digit-QA examples of 15 tokens, so a global batch is
   the same 16 records either way, only placed in other rows; the loss is per supervised token).
+* Both answer the held-out questions together (greedy generation with `train.eval_examples`); process 0 writes
+  the accuracy table.
 * Their checkpoint restores in 1 process: the data iterator is re-sharded from 2 to 1 process and the
   continuation reproduces the uninterrupted 1-process run.
 * SIGTERM to one process stops both after the same step (an agreed decision), with one collective save, and the
@@ -163,7 +165,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     out, *outs = _finish([
         _spawn(_env(8), reference, "data.shapes.batch_size=8", f"train.steps={STEPS}",
                f"train.checkpoint.every_steps={CUT}"),
-        *_pair(workdir, "data.shapes.batch_size=4", f"train.steps={CUT}")])
+        *_pair(workdir, "data.shapes.batch_size=4", f"train.steps={CUT}", "train.eval_examples=8")])
     assert "1 process(es) x 8 cpu device(s) = 8" in out
     want = _losses(reference)
     assert sorted(want) == list(range(1, STEPS + 1))
@@ -175,6 +177,12 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
     rel = _max_rel(got, want, range(1, CUT + 1))
     print(f"2 processes vs 1: max relative loss difference {rel:.3g} over steps 1-{CUT}")
     assert rel <= RTOL, {s: (got[s], want[s]) for s in got}
+
+    # Greedy generation is a collective too: both processes answered the held-out questions after the stage (the
+    # Answerer of the trainer's eval_accuracy), and process 0 wrote the table.
+    assert "held-out accuracy after each stage (8 records per source)" in outs[0], outs[0][-4000:]
+    with open(os.path.join(workdir, "stages", "accuracy.json")) as f:
+        assert json.load(f)["train"]["step"] == CUT
 
     # The checkpoint holds both processes' iterator states; together they consumed what 1 process did.
     states = _data_iter(workdir, CUT)["iter"]["process_states"]
@@ -243,19 +251,3 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
-
-def test_two_processes_answer_held_out_questions_together(tmp_path):
-    """Greedy generation is a collective too: with train.eval_examples both processes generate every held-out
-    batch, for the trainer's eval_accuracy and for the accuracy after the stage (which process 0 writes)."""
-    workdir = str(tmp_path / "run")
-    run = [r for r in RUN if not r.startswith("train.eval_every")]
-    outs = _finish(_pair(workdir, "data.shapes.batch_size=4", "train.steps=2", "train.eval_every=2",
-                         "train.eval_examples=8", "train.eval_batches=1", run=run))
-    for out in outs:
-        assert "finished at step 2" in out, out[-4000:]
-    assert "held-out accuracy after each stage (8 records per source)" in outs[0]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        logged = [json.loads(line) for line in f][-1]
-    with open(os.path.join(workdir, "stages", "accuracy.json")) as f:
-        after = json.load(f)["train"]
-    assert after["step"] == 2 and after["sources"]["digits_qa/test"] == logged["eval_accuracy/digits_qa/test"]
