@@ -250,4 +250,3 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bitwise(
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
