@@ -53,9 +53,8 @@ class StageReport:
 
     @property
     def step_bytes(self) -> int:
-        """The train step's peak live bytes: inputs + temporaries + outputs that do not reuse (donated) input
-        buffers + code."""
-        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+        """The train step's peak live bytes."""
+        return _live_bytes(**{field: getattr(self, field) for field in _MEMORY_FIELDS})
 
     @property
     def total_bytes(self) -> int:
@@ -90,10 +89,21 @@ def _device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.generated_code_size_in_bytes)
+# StageReport's memory fields: XLA's compiled memory analysis, per device.
+_MEMORY_FIELDS = dict(argument_bytes="argument_size_in_bytes", temp_bytes="temp_size_in_bytes",
+                      output_bytes="output_size_in_bytes", alias_bytes="alias_size_in_bytes",
+                      code_bytes="generated_code_size_in_bytes")
+
+
+def _memory(compiled) -> dict[str, int]:
+    analysis = compiled.memory_analysis()
+    return {field: getattr(analysis, name) for field, name in _MEMORY_FIELDS.items()}
+
+
+def _live_bytes(argument_bytes, temp_bytes, output_bytes, alias_bytes, code_bytes) -> int:
+    """A program's peak live bytes: inputs + temporaries + outputs that do not reuse (donated) input buffers +
+    code."""
+    return argument_bytes + temp_bytes + output_bytes - alias_bytes + code_bytes
 
 
 def _reference_bytes(model, cfg: Config, stage: Stage, state: TrainState, batch: dict, mesh, rules) -> dict:
@@ -105,8 +115,8 @@ def _reference_bytes(model, cfg: Config, stage: Stage, state: TrainState, batch:
     batch_sh = {k: v.sharding for k, v in batch.items()}
     step = make_reference_step(model, cfg.train, stage, jax.tree.map(lambda x: x.sharding, reference), batch_sh,
                                mesh, rules)
-    pass_bytes = _peak_bytes(step.lower(reference, {k: v for k, v in batch.items() if k != REFERENCE_LOGPS})
-                             .compile())
+    pass_bytes = _live_bytes(**_memory(step.lower(reference, {k: v for k, v in batch.items()
+                                                               if k != REFERENCE_LOGPS}).compile()))
     return dict(reference_bytes=_device_bytes(reference), reference_step_bytes=pass_bytes + _device_bytes(state))
 
 
@@ -141,18 +151,13 @@ def plan_stage(cfg: Config, data: TrainData, stage: Stage, s: topology.Slice, de
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return StageReport(compile_s=time.perf_counter() - start, argument_bytes=0, temp_bytes=0, output_bytes=0,
-                           alias_bytes=0, code_bytes=0, xla_flops=0.0,
+        return StageReport(compile_s=time.perf_counter() - start, **dict.fromkeys(_MEMORY_FIELDS, 0), xla_flops=0.0,
                            compiler_oom=str(e).split("RESOURCE_EXHAUSTED: ")[-1].splitlines()[0], **report)
+    compile_s = time.perf_counter() - start
     report.update(_reference_bytes(model, cfg, stage, state, batch, mesh, rules))
-    memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return StageReport(
-        compile_s=time.perf_counter() - start, argument_bytes=memory.argument_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
-        xla_flops=float(cost.get("flops", 0.0)), **report)
+    return StageReport(compile_s=compile_s, **_memory(compiled), xla_flops=float(cost.get("flops", 0.0)), **report)
 
 
 def advice(cfg: Config) -> str:
