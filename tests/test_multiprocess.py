@@ -14,7 +14,6 @@ the real `vlm-jax train` loop with the Grain pipeline sharded per process and Or
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from vlm_jax.config import load_config
 from vlm_jax.families import input_spec
 from vlm_jax.data import build_pipeline, reshard_states, task_texts, train_sentencepiece
 from vlm_jax.train import checkpoint
-from train_helpers import ROOT, SMALL_RUN, TINY, final_params
+from train_helpers import ROOT, SMALL_RUN, TINY, final_params, xla_flags
 
 CONFIG = os.path.join(ROOT, "configs", "examples", "digits_mllama.yaml")
 STEPS, CUT = 6, 4  # the 2-process run stops (and saves) at CUT; 1 process resumes it to STEPS
@@ -39,14 +38,8 @@ RUN = [f"train.stages=[{{name: train, steps: {STEPS}}}]", "train.schedule.warmup
 TIMEOUT = 400
 
 
-# Cheaper CPU codegen (LLVM -O0): compiling is most of this test's time; the numerics stay IEEE (no fast math).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def _env(devices):
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{flags} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}".strip(),
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 

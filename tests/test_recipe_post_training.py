@@ -6,7 +6,6 @@ ends with the uninterrupted run's soup, sampled data, accuracies and final param
 the new stage kinds are one line each."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from vlm_jax.train import checkpoint
 from vlm_jax.train import optimizer as opt
 from vlm_jax.train.loop import Trainer
 from vlm_jax.train.recipe import resolve_stages
-from train_helpers import ROOT, final_params
+from train_helpers import ROOT, final_params, xla_flags
 
 RECIPE = os.path.join(ROOT, "configs", "recipes", "tiny_llama3v.yaml")
 # Stage lengths: pretrain 6, anneal 2, each sweep variant 2 (the soup is step 10), reward model 2 (its own run),
@@ -41,14 +40,9 @@ SHORT = ["train.stages.0.steps=6", "train.stages.1.steps=2", "train.stages.2.ste
          "train.log.tensorboard=false", "train.checkpoint.async_save=false", "train.checkpoint.max_to_keep=10"]
 
 
-# Cheaper CPU codegen (LLVM -O0), as in test_multiprocess: compiling a dozen programs is most of this test's time.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def _spawn(workdir: str, n: int):
     """`vlm-jax train` of the short recipe on one CPU device; output to <workdir>.<n>.log (a pipe could fill)."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flags} {FAST_COMPILE}".strip()}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     log = open(f"{workdir}.{n}.log", "w")
     cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", RECIPE, f"workdir={workdir}", *SHORT]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

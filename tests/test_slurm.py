@@ -3,12 +3,12 @@ variables real srun sets, and both tasks find each other through jax.distributed
 (distributed.mode=auto: coordinator, process count and id from SLURM_*), then train the tiny Mllama 2 steps
 on CPU devices with gloo collectives and save one checkpoint together."""
 import os
-import re
 import socket
 import subprocess
 import sys
 
 from vlm_jax.train import checkpoint
+from train_helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,13 +43,10 @@ def _env(tmp_path, **extra) -> dict:
     (bin_dir / "srun").write_text(FAKE_SRUN)
     (bin_dir / "srun").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "JAX_COORDINATOR_PORT"}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
     return {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONPATH": REPO,
             "VLM_JAX_PYTHON": sys.executable, "VLM_JAX_LOGS": str(tmp_path / "logs"),
             "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            # 2 CPU devices per task; cheap codegen (LLVM -O0), compiling is most of the time.
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true".strip(), **extra}
+            "XLA_FLAGS": xla_flags(2), **extra}  # 2 CPU devices per task
 
 
 def test_two_slurm_tasks_find_each_other_and_train(tmp_path):

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "models", "tiny_mllama.yaml")
 SMALL_RUN = ["train.batch_size=8", "train.synthetic.seq_len=16", "train.schedule.learning_rate=1e-3",
              "train.schedule.warmup_steps=2", "train.log.tensorboard=false"]
+
+
+def xla_flags(devices: int) -> str:
+    """This session's XLA_FLAGS (conftest's cheap codegen included) for a subprocess with `devices` CPU devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def tiny_config(workdir, *overrides):
