@@ -3,8 +3,9 @@
     JAX_PLATFORMS=cpu python benchmarks/attention.py [--rounds 7]
 
 Shapes are `mllama_100m`'s at the benchmark batches of `train_vs_pytorch.py`: the vision towers' attention
-(every image's 4 tile slots of 72 patches, real or not, as both sides run them; 8 heads, no mask) and the decoder's causal GQA self-attention (8 query
-heads over 4 kv heads). Interleaved rounds, median; GFLOP/s of the six products (two forward, four backward).
+(every image's 4 tile slots of 72 patches, real or not, as both sides run them; 8 heads, no mask) and the
+decoder's causal GQA self-attention (8 query heads over 4 kv heads). Interleaved rounds, median; GFLOP/s of the
+six products (two forward, four backward).
 transformers runs Mllama's attention through SDPA (a fused CPU kernel); ours is `layers.dot_product_attention`'s
 XLA path (einsums, softmax in fp32) under JAX's autodiff.
 """
