@@ -163,20 +163,24 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla"):
         if kernel is not None:
             return kernel(q, k, v, mask)
         mask = mask.dense()
-    # Heads lead, (B, H, S, D), and each kv head is repeated for its query heads: XLA:CPU then copies no
-    # (Sq, Sk) matrix transposed for the backward's products, 1.2-1.9x faster than grouping the query heads
-    # in the einsums (benchmarks/attention.py). The repeat is small beside the scores the path holds anyway.
-    d, group = q.shape[-1], q.shape[2] // k.shape[2]
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    # Heads lead, (B, Hkv, R * Sq, D): each kv head's R query heads stacked along the rows, so the products are
+    # plain batched matmuls and XLA:CPU copies no (Sq, Sk) matrix transposed for the backward's, 1.2-1.9x
+    # faster than grouping the query heads inside the einsums (benchmarks/attention.py). Repeating the kv heads
+    # instead was as fast on CPU but held 4x the keys and values: 22.35 GiB per chip in the 11B v5p-64 plan, 21.78 so.
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    q = q.reshape(b, sq, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, group * sq, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bgmd,bgkd->bgmk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    by_head = lambda x: x.reshape(b, hkv, group, sq, -1)  # noqa: E731  (the rows as (R, Sq), for the mask)
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, :, None], by_head(scores), jnp.finfo(jnp.float32).min).reshape(scores.shape)
     probs = jax.nn.softmax(scores, axis=-1)
     if mask is not None:  # a row with no allowed key attends to nothing rather than uniformly to everything
-        probs = probs * jnp.any(mask, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-    return out.transpose(0, 2, 1, 3)
+        probs = (by_head(probs) * jnp.any(mask, axis=-1, keepdims=True)[:, :, None]).reshape(probs.shape)
+    out = jnp.einsum("bgmk,bgkd->bgmd", probs.astype(v.dtype), v)
+    return by_head(out).transpose(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
 
 
 class KVCache(nn.Module):
