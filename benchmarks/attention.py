@@ -65,9 +65,9 @@ def main():
         q, w = (jnp.asarray(rng.standard_normal((b, s, hq, d)), jnp.float32) for _ in range(2))
         k, v = (jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32) for _ in range(2))
         mask = jnp.tril(jnp.ones((s, s), bool))[None, None] if causal else None
-        sides = {"vlm_jax (XLA)": _jax_step(dot_product_attention, q, k, v, mask, w)}
-        sides["torch eager"] = _torch_step(q, k, v, mask, w, sdpa=False)
-        sides["torch sdpa"] = _torch_step(q, k, v, mask, w, sdpa=True)
+        sides = {"vlm_jax (XLA)": _jax_step(dot_product_attention, q, k, v, mask, w),
+                 "torch eager": _torch_step(q, k, v, mask, w, sdpa=False),
+                 "torch sdpa": _torch_step(q, k, v, mask, w, sdpa=True)}
         rows.append((name, 3 * 4 * b * hq * s * s * d, sides))
     times = {(name, side): [] for name, _, sides in rows for side in sides}
     for name, _, sides in rows:
