@@ -17,6 +17,7 @@ import time
 
 import jax
 
+from vlm_jax import host_memory
 from vlm_jax.config import load_config
 from vlm_jax.train import checkpoint
 from vlm_jax.train.loop import Trainer
@@ -53,11 +54,13 @@ def main():
         mgr.close()
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_params))
         print(json.dumps({"config": args.config, "parameters": n_params, "devices": jax.device_count(),
-                          "device_kind": jax.devices()[0].device_kind, "batch": cfg.train.batch_size,
+                          "device_kind": jax.devices()[0].device_kind, "host_memory": host_memory.describe(),
+                          "batch": cfg.train.batch_size,
                           "seq_len": cfg.train.synthetic.seq_len,
                           **{k: record[k] for k in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu")},
                           "checkpoint_save_s": round(save_s, 3), "checkpoint_restore_s": round(restore_s, 3)}))
 
 
 if __name__ == "__main__":
+    host_memory.exec_with_huge_pages()  # as `vlm-jax` runs
     main()

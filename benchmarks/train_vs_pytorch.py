@@ -11,11 +11,17 @@ transformers' model trains on the same batches: forward + backward + global-norm
 hyper-parameters and our weight-decay mask (carried over by exporting the mask itself). Both sides first
 train the same two batches and print their losses: the first must agree to ~1e-4 (same weights), the second
 too (same update). Then `--rounds` interleaved rounds of `--steps` steps each (ours, then PyTorch: the machine
-is shared, so a slow spell hits both) and the median step time per side. MFU of both sides uses our FLOPs
+is shared, so a slow spell hits both) and the median step time per side over every step but the first of each
+round. That first step is each side's switch-over: the other side has just freed gigabytes in its own pattern,
+and the kernel spends seconds handing our next step its pages (2.6-3.4 s of system time in the step after
+transformers', 0.3-0.6 s in the next), which a process running one framework never pays; its median is
+printed too. MFU of both sides uses our FLOPs
 model (vlm_jax/train/flops.py) against the peak the Trainer uses (on CPU, a measured fp32 matmul peak). The
 optimizer update alone is timed the same way on each side (optax's update jitted with the state donated, over
 the real parameter tree; torch's clipping + AdamW.step() with gradients in place) and given as a share of
-the step. Prints one JSON line, then a table.
+the step. Both sides share this process, which starts over with huge pages for host memory as `vlm-jax` does
+(vlm_jax/host_memory.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without). Prints one JSON line,
+then a table.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vlm_jax import hardware  # noqa: E402
+from vlm_jax import hardware, host_memory  # noqa: E402
 from vlm_jax.config import load_config  # noqa: E402
 from vlm_jax.convert import to_hf  # noqa: E402
 from vlm_jax.train import flops  # noqa: E402
@@ -161,7 +167,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=2, help="steps per side per round")
+    p.add_argument("--steps", type=int, default=3, help="steps per side per round (>= 2: the first is not timed)")
     p.add_argument("--optimizer-repeats", type=int, default=5)
     p.add_argument("--torch-fused", action="store_true", help="torch's fused AdamW (default: its default)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (shapes: train.batch_size=, "
@@ -176,6 +182,8 @@ def main() -> int:
                                         *args.overrides])
         if not cfg.model.dtype == cfg.model.param_dtype == "float32":
             sys.exit("the comparison is fp32 on both sides: set model.dtype=float32 model.param_dtype=float32")
+        if args.steps < 2:
+            sys.exit("--steps must be at least 2: the first step of each round is not timed")
         if cfg.train.microbatches != 1:
             sys.exit("train.microbatches must be 1 (transformers' side takes the whole batch)")
         trainer = Trainer(cfg, echo=lambda _: None)
@@ -197,14 +205,16 @@ def main() -> int:
         for i, (a, b) in enumerate(losses):
             print(f"step {i + 1} loss: vlm_jax {a:.8f}  transformers {b:.8f}  |diff| {abs(a - b):.2e}", flush=True)
 
-        times = {"ours": [], "torch": []}
+        times = {"ours": [], "torch": []}  # per round, its steps' seconds
         for r in range(args.rounds):
             for name, run, batches in (("ours", ours.step, placed), ("torch", theirs.step, torch_inputs)):
+                times[name].append([])
                 for k in range(args.steps):
                     start = time.perf_counter()
                     run(batches[(r * args.steps + k) % DISTINCT_BATCHES])
-                    times[name].append(time.perf_counter() - start)
-        step_s = {k: statistics.median(v) for k, v in times.items()}
+                    times[name][-1].append(time.perf_counter() - start)
+        step_s = {k: statistics.median(t for steps in v for t in steps[1:]) for k, v in times.items()}
+        switch_s = {k: statistics.median(steps[0] for steps in v) for k, v in times.items()}
         opt_s = {"torch": theirs.optimizer_seconds(args.optimizer_repeats),
                  "ours": ours.optimizer_seconds(args.optimizer_repeats)}
 
@@ -218,7 +228,8 @@ def main() -> int:
         mfu = {k: step_flops / v / (peak.flops * n_devices) if peak.flops else None for k, v in step_s.items()}
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_params))
         record = dict(
-            config=args.config, overrides=args.overrides, family=cfg.model.family, hf_class=type(theirs.model).__name__,
+            config=args.config, overrides=args.overrides, host_memory=host_memory.describe(),
+            family=cfg.model.family, hf_class=type(theirs.model).__name__,
             parameters=n_params, batch=rows, seq_len=seq_len, num_images=num_images,
             num_tiles=cfg.train.synthetic.num_tiles, devices=n_devices, device_kind=jax.devices()[0].device_kind,
             torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_fused_adamw=args.torch_fused,
@@ -229,18 +240,22 @@ def main() -> int:
             ours_mfu=mfu["ours"], torch_mfu=mfu["torch"],
             ours_optimizer_s=opt_s["ours"], torch_optimizer_s=opt_s["torch"],
             ours_optimizer_share=opt_s["ours"] / step_s["ours"], torch_optimizer_share=opt_s["torch"] / step_s["torch"],
+            ours_switch_step_s=switch_s["ours"], torch_switch_step_s=switch_s["torch"],
             decayed_fraction=theirs.decayed_fraction, ours_step_times=times["ours"], torch_step_times=times["torch"])
         print(json.dumps(record))
         pct = lambda x: f"{100 * x:.0f}%" if x is not None else "n/a"  # noqa: E731
         print(f"{args.config} {' '.join(args.overrides)}: {n_params:,} parameters, batch {rows} x {seq_len}, "
               f"{step_flops / 1e9:.1f} GFLOP/step; peak {peak.flops / 1e9 if peak.flops else 0:.0f} GFLOP/s "
-              f"({peak.source}); median of {args.rounds} x {args.steps} interleaved steps")
+              f"({peak.source}); median of {args.rounds} x {args.steps - 1} interleaved steps")
         print(f"{'':<24}{'s/step':>9}{'MFU':>7}{'optimizer s':>13}{'share':>7}")
         for label, k in (("JAX (vlm_jax)", "ours"), ("PyTorch (transformers)", "torch")):
             print(f"{label:<24}{step_s[k]:>9.3f}{pct(mfu[k]):>7}{opt_s[k]:>13.3f}{pct(opt_s[k] / step_s[k]):>7}")
         print(f"{'speed (torch / ours)':<24}{step_s['torch'] / step_s['ours']:>8.2f}x")
+        print(f"first step of each round, after the other side's (not in the medians above): vlm_jax "
+              f"{switch_s['ours']:.3f} s, transformers {switch_s['torch']:.3f} s")
     return 0
 
 
 if __name__ == "__main__":
+    host_memory.exec_with_huge_pages()  # as `vlm-jax` runs; both sides share this process's allocator
     sys.exit(main())

@@ -534,5 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def run():
+    """The `vlm-jax` command: once with huge pages for host memory (see host_memory), then `main`."""
+    from vlm_jax import host_memory
+    host_memory.exec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -143,4 +143,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from vlm_jax import host_memory
+    host_memory.exec_with_huge_pages()
     sys.exit(main(sys.argv[1:]))

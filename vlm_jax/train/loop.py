@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vlm_jax import hardware, sharding
+from vlm_jax import hardware, host_memory, sharding
 from vlm_jax.config import Config, ModelConfig, from_dict
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.paths import check_writable, user_path
@@ -307,6 +307,7 @@ class Trainer:
         train, n_devices = self.cfg.train, self.mesh.devices.size
         peak = hardware.peak_flops_per_device(train.peak_flops_per_device)
         self.echo(f"MFU against {peak.source}" + (f": {peak.flops / 1e12:.3g} TFLOP/s per device" if peak.flops else ""))
+        self.echo(host_memory.describe())
         result = RunResult(state)
         step = int(state.step)
         if step >= self.end:
