@@ -13,15 +13,14 @@ train the same two batches and print their losses: the first must agree to ~1e-4
 too (same update). Then `--rounds` interleaved rounds of `--steps` steps each (ours, then PyTorch: the machine
 is shared, so a slow spell hits both) and the median step time per side over every step but the first of each
 round. That first step is each side's switch-over: the other side has just freed gigabytes in its own pattern,
-and the kernel spends seconds handing our next step its pages (2.6-3.4 s of system time in the step after
-transformers', 0.3-0.6 s in the next), which a process running one framework never pays; its median is
-printed too. MFU of both sides uses our FLOPs
-model (vlm_jax/train/flops.py) against the peak the Trainer uses (on CPU, a measured fp32 matmul peak). The
-optimizer update alone is timed the same way on each side (optax's update jitted with the state donated, over
-the real parameter tree; torch's clipping + AdamW.step() with gradients in place) and given as a share of
-the step. Both sides share this process, which starts over with huge pages for host memory as `vlm-jax` does
-(vlm_jax/host_memory.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without). Prints one JSON line,
-then a table.
+and the kernel spends seconds handing our next step its pages (at 4 x 256 on huge pages, 2.6-3.4 s of system
+time in the step after transformers', 0.3-0.6 s in the next), which a process running one framework never
+pays; its median is printed too. MFU of both sides uses our FLOPs model (vlm_jax/train/flops.py) against the
+peak the Trainer uses (on CPU, a measured fp32 matmul peak). The optimizer update alone is timed the same way
+on each side (optax's update jitted with the state donated, over the real parameter tree; torch's clipping +
+AdamW.step() with gradients in place) and given as a share of the step. Both sides share this process, which
+starts over with huge pages for host memory as `vlm-jax` does (vlm_jax/host_memory.py;
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without). Prints one JSON line, then a table.
 """
 from __future__ import annotations
 
