@@ -9,7 +9,7 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vlm_jax")
 # Lowest first. A module may import its own layer or a lower one.
 LAYERS = [
-    ("errors", "registry", "hardware", "paths"),
+    ("errors", "registry", "hardware", "paths", "host_memory"),
     ("config",),
     ("models", "sharding", "topology", "distributed"),
     ("data",),

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from vlm_jax import host_memory
 from vlm_jax.config import load_config
 from vlm_jax.convert.processor import export_repo
 from vlm_jax.infer.answer import Answerer
@@ -143,6 +144,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from vlm_jax import host_memory
     host_memory.exec_with_huge_pages()
     sys.exit(main(sys.argv[1:]))
