@@ -1,4 +1,5 @@
 """Huge pages for host memory: entry points start over with glibc.malloc.hugetlb=1 unless the user chose."""
+import mmap
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 ctypes.memset(libc.malloc(size), 1, size)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, os.environ.get("GLIBC_TUNABLES", ""))
 """
-SMALL_PAGES = (256 << 20) // 4096
+SMALL_PAGES = (256 << 20) // mmap.PAGESIZE
 
 
 def run_child(tunables: str | None) -> tuple[int, str]:
@@ -33,6 +34,7 @@ def run_child(tunables: str | None) -> tuple[int, str]:
 
 
 @pytest.mark.skipif(host_memory.unavailable() is not None, reason=f"no huge pages here: {host_memory.unavailable()}")
+@pytest.mark.skipif(mmap.PAGESIZE != 4096, reason="sized for 4 KiB base pages and 2 MiB huge pages")
 def test_entry_point_restarts_with_huge_pages_and_faults_far_less():
     faults, seen = run_child("glibc.malloc.arena_max=4")
     assert seen == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"  # the user's tunables kept
@@ -60,7 +62,7 @@ def test_no_restart_where_unavailable_or_chosen(monkeypatch):
 
 @pytest.mark.parametrize("mode,glibc,tunables,expected", [
     ("madvise", (2, 36), "glibc.malloc.hugetlb=1", "glibc asks for transparent huge pages"),
-    ("madvise", (2, 36), "glibc.malloc.hugetlb=0", "4 KiB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0)"),
+    ("madvise", (2, 36), "glibc.malloc.hugetlb=0", "pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0)"),
     ("madvise", (2, 36), "", "start the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
     ("madvise", (2, 31), "", "glibc 2.31 predates glibc.malloc.hugetlb (2.35)"),
     ("never", (2, 36), "", "transparent huge page mode is 'never'"),

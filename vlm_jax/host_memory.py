@@ -10,6 +10,7 @@ benchmarks) re-execute themselves once with the tunable added; a user's own sett
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb"
 FIRST_GLIBC = (2, 35)  # the release that added the tunable
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+BASE_PAGES = f"{mmap.PAGESIZE >> 10} KiB pages"
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -79,9 +81,9 @@ def describe() -> str:
     if kernel_mode() == "always":
         return "host memory: transparent huge pages (the kernel's mode is 'always')"
     if reason:
-        return f"host memory: 4 KiB pages, as {reason}"
+        return f"host memory: {BASE_PAGES}, as {reason}"
     if value == "1":
         return f"host memory: glibc asks for transparent huge pages (GLIBC_TUNABLES {TUNABLE}=1)"
-    return (f"host memory: 4 KiB pages (GLIBC_TUNABLES {TUNABLE}={value})" if value is not None else
-            f"host memory: 4 KiB pages; start the process with GLIBC_TUNABLES={TUNABLE}=1 (as `vlm-jax` does) "
+    return (f"host memory: {BASE_PAGES} (GLIBC_TUNABLES {TUNABLE}={value})" if value is not None else
+            f"host memory: {BASE_PAGES}; start the process with GLIBC_TUNABLES={TUNABLE}=1 (as `vlm-jax` does) "
             "for a faster CPU step")
