@@ -6,6 +6,8 @@ import errno
 import os
 import sys
 
+from vlm_jax import host_memory
+
 # Environment failures on a user's path: one line naming the path, not a traceback (any other OSError is a bug).
 _ENVIRONMENT_ERRORS = {
     errno.EACCES: "permission denied; fix its permissions or choose another path",
@@ -536,7 +538,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run():
     """The `vlm-jax` command: once with huge pages for host memory (see host_memory), then `main`."""
-    from vlm_jax import host_memory
     host_memory.exec_with_huge_pages()
     sys.exit(main())
 
