@@ -16,7 +16,8 @@ round. That first step is each side's switch-over: the other side has just freed
 and the kernel spends seconds handing our next step its pages (at 4 x 256 on huge pages, 2.6-3.4 s of system
 time in the step after transformers', 0.3-0.6 s in the next), which a process running one framework never
 pays; its median is printed too. MFU of both sides uses our FLOPs model (vlm_jax/train/flops.py) against the
-peak the Trainer uses (on CPU, a measured fp32 matmul peak). The optimizer update alone is timed the same way
+peak the Trainer uses; on CPU that is a measured fp32 matmul peak, which moves with the shared machine's load,
+so it is measured again at the start of each round and the median of those is the denominator. The optimizer update alone is timed the same way
 on each side (optax's update jitted with the state donated, over the real parameter tree; torch's clipping +
 AdamW.step() with gradients in place) and given as a share of the step. Both sides share this process, which
 starts over with huge pages for host memory as `vlm-jax` does (vlm_jax/host_memory.py;
@@ -204,8 +205,15 @@ def main() -> int:
         for i, (a, b) in enumerate(losses):
             print(f"step {i + 1} loss: vlm_jax {a:.8f}  transformers {b:.8f}  |diff| {abs(a - b):.2e}", flush=True)
 
+        peak = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
+        # A measured CPU peak moves with the machine's load: measure it again in each round, beside the steps
+        # it bills (a configured or vendor peak stays as it is).
+        peak_each_round = peak.source == hardware.MEASURED_CPU_PEAK
         times = {"ours": [], "torch": []}  # per round, its steps' seconds
+        round_peaks = []
         for r in range(args.rounds):
+            if peak_each_round:
+                round_peaks.append(hardware.matmul_peak_now())
             for name, run, batches in (("ours", ours.step, placed), ("torch", theirs.step, torch_inputs)):
                 times[name].append([])
                 for k in range(args.steps):
@@ -222,7 +230,8 @@ def main() -> int:
         # The timed steps cycle through the host batches; padded image slots are not billed (see flops.py).
         step_flops = statistics.mean(flops.train_flops(cfg.model, h, ours.plan.trainable) * rows / len(h["input_ids"])
                                      for h in host)
-        peak = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
+        if peak_each_round:
+            peak = hardware.Peak(statistics.median(round_peaks), f"{peak.source}, median of one per round")
         n_devices = trainer.mesh.devices.size
         mfu = {k: step_flops / v / (peak.flops * n_devices) if peak.flops else None for k, v in step_s.items()}
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_params))
@@ -234,7 +243,7 @@ def main() -> int:
             torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_fused_adamw=args.torch_fused,
             rounds=args.rounds, steps_per_round=args.steps,
             loss_first=list(losses[0]), loss_second=list(losses[1]), first_step_s=round(first_s, 2),
-            step_flops=step_flops, peak_flops=peak.flops, peak_source=peak.source,
+            step_flops=step_flops, peak_flops=peak.flops, peak_source=peak.source, round_peak_flops=round_peaks,
             ours_step_s=step_s["ours"], torch_step_s=step_s["torch"], speed_ratio=step_s["torch"] / step_s["ours"],
             ours_mfu=mfu["ours"], torch_mfu=mfu["torch"],
             ours_optimizer_s=opt_s["ours"], torch_optimizer_s=opt_s["torch"],
@@ -243,9 +252,10 @@ def main() -> int:
             decayed_fraction=theirs.decayed_fraction, ours_step_times=times["ours"], torch_step_times=times["torch"])
         print(json.dumps(record))
         pct = lambda x: f"{100 * x:.0f}%" if x is not None else "n/a"  # noqa: E731
+        spread = f": {min(round_peaks) / 1e9:.0f}-{max(round_peaks) / 1e9:.0f}" if round_peaks else ""
         print(f"{args.config} {' '.join(args.overrides)}: {n_params:,} parameters, batch {rows} x {seq_len}, "
               f"{step_flops / 1e9:.1f} GFLOP/step; peak {peak.flops / 1e9 if peak.flops else 0:.0f} GFLOP/s "
-              f"({peak.source}); median of {args.rounds} x {args.steps - 1} interleaved steps")
+              f"({peak.source}{spread}); median of {args.rounds} x {args.steps - 1} interleaved steps")
         print(f"{'':<24}{'s/step':>9}{'MFU':>7}{'optimizer s':>13}{'share':>7}")
         for label, k in (("JAX (vlm_jax)", "ours"), ("PyTorch (transformers)", "torch")):
             print(f"{label:<24}{step_s[k]:>9.3f}{pct(mfu[k]):>7}{opt_s[k]:>13.3f}{pct(opt_s[k] / step_s[k]):>7}")

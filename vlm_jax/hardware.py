@@ -31,6 +31,7 @@ PEAK_BF16_FLOPS = {
 # Spellings some runtimes report instead (JAX's own Pallas chip table accepts both).
 KIND_ALIASES = {"TPU v5e": "TPU v5 lite", "TPU v5p": "TPU v5", "TPU v6e": "TPU v6 lite"}
 MATMUL_SIDE = 1024  # the CPU peak: best of a few fp32 (n x n) @ (n x n) products, large enough to be compute-bound
+MEASURED_CPU_PEAK = "this CPU's measured fp32 matmul peak"
 
 
 class TopologyError(UserError):
@@ -69,18 +70,26 @@ class Peak(NamedTuple):
     source: str  # what the figure is, for the log line
 
 
-@functools.cache
-def measured_matmul_peak(side: int = MATMUL_SIDE, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` fp32 square matmuls on the first device (CPU has no vendor peak)."""
+_square = jax.jit(lambda x: x @ x)
+
+
+def matmul_peak_now(side: int = MATMUL_SIDE, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` fp32 square matmuls on the first device, measured now: a shared machine's
+    peak moves, so a benchmark measures it alongside the steps it bills against it."""
     a = jnp.ones((side, side), jnp.float32)
-    product = jax.jit(lambda x: x @ x)
-    product(a).block_until_ready()  # compile
+    _square(a).block_until_ready()  # compiles once per side
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        product(a).block_until_ready()
+        _square(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * side ** 3 / best
+
+
+@functools.cache
+def measured_matmul_peak() -> float:
+    """The CPU's MFU denominator (CPU has no vendor peak): `matmul_peak_now`, once per process."""
+    return matmul_peak_now()
 
 
 def peak_flops_per_device(configured: float = 0.0) -> Peak:
@@ -90,7 +99,7 @@ def peak_flops_per_device(configured: float = 0.0) -> Peak:
         return Peak(configured, "train.peak_flops_per_device")
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return Peak(measured_matmul_peak(), "this CPU's measured fp32 matmul peak")
+        return Peak(measured_matmul_peak(), MEASURED_CPU_PEAK)
     peak = peak_bf16_flops(device.device_kind)
     if peak is None:
         return Peak(None, f"no peak FLOP/s known for device kind '{device.device_kind}': no MFU is reported; set "
