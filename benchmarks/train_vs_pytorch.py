@@ -15,7 +15,8 @@ is shared, so a slow spell hits both) and the median step time per side over eve
 round. That first step is each side's switch-over: the other side has just freed gigabytes in its own pattern,
 and the kernel spends seconds handing our next step its pages (at 4 x 256 on huge pages, 2.6-3.4 s of system
 time in the step after transformers', 0.3-0.6 s in the next), which a process running one framework never
-pays; its median is printed too. MFU of both sides uses our FLOPs model (vlm_jax/train/flops.py) against the
+pays; its median is printed too, and so is the range of each round's own ratio (its two sides ran back to
+back, so the range is the machine's noise on the ratio). MFU of both sides uses our FLOPs model (vlm_jax/train/flops.py) against the
 peak the Trainer uses; on CPU that is a measured fp32 matmul peak, which moves with the shared machine's load,
 so it is measured again at the start of each round and the median of those is the denominator. The optimizer update alone is timed the same way
 on each side (optax's update jitted with the state donated, over the real parameter tree; torch's clipping +
@@ -222,6 +223,9 @@ def main() -> int:
                     times[name][-1].append(time.perf_counter() - start)
         step_s = {k: statistics.median(t for steps in v for t in steps[1:]) for k, v in times.items()}
         switch_s = {k: statistics.median(steps[0] for steps in v) for k, v in times.items()}
+        # Each round's two sides ran minutes apart at most: their ratio shows how far the machine's noise moves it.
+        round_ratios = [statistics.median(t[1:]) / statistics.median(o[1:])
+                        for o, t in zip(times["ours"], times["torch"])]
         opt_s = {"torch": theirs.optimizer_seconds(args.optimizer_repeats),
                  "ours": ours.optimizer_seconds(args.optimizer_repeats)}
 
@@ -245,6 +249,7 @@ def main() -> int:
             loss_first=list(losses[0]), loss_second=list(losses[1]), first_step_s=round(first_s, 2),
             step_flops=step_flops, peak_flops=peak.flops, peak_source=peak.source, round_peak_flops=round_peaks,
             ours_step_s=step_s["ours"], torch_step_s=step_s["torch"], speed_ratio=step_s["torch"] / step_s["ours"],
+            round_speed_ratios=round_ratios,
             ours_mfu=mfu["ours"], torch_mfu=mfu["torch"],
             ours_optimizer_s=opt_s["ours"], torch_optimizer_s=opt_s["torch"],
             ours_optimizer_share=opt_s["ours"] / step_s["ours"], torch_optimizer_share=opt_s["torch"] / step_s["torch"],
@@ -259,7 +264,8 @@ def main() -> int:
         print(f"{'':<24}{'s/step':>9}{'MFU':>7}{'optimizer s':>13}{'share':>7}")
         for label, k in (("JAX (vlm_jax)", "ours"), ("PyTorch (transformers)", "torch")):
             print(f"{label:<24}{step_s[k]:>9.3f}{pct(mfu[k]):>7}{opt_s[k]:>13.3f}{pct(opt_s[k] / step_s[k]):>7}")
-        print(f"{'speed (torch / ours)':<24}{step_s['torch'] / step_s['ours']:>8.2f}x")
+        print(f"{'speed (torch / ours)':<24}{step_s['torch'] / step_s['ours']:>8.2f}x   (each round's: "
+              f"{min(round_ratios):.2f}-{max(round_ratios):.2f}x, median {statistics.median(round_ratios):.2f}x)")
         print(f"first step of each round, after the other side's (not in the medians above): vlm_jax "
               f"{switch_s['ours']:.3f} s, transformers {switch_s['torch']:.3f} s")
     return 0
