@@ -16,11 +16,12 @@ round. That first step is each side's switch-over: the other side has just freed
 and the kernel spends seconds handing our next step its pages (at 4 x 256 on huge pages, 2.6-3.4 s of system
 time in the step after transformers', 0.3-0.6 s in the next), which a process running one framework never
 pays; its median is printed too, and so is the range of each round's own ratio (its two sides ran back to
-back, so the range is the machine's noise on the ratio). MFU of both sides uses our FLOPs model (vlm_jax/train/flops.py) against the
-peak the Trainer uses; on CPU that is a measured fp32 matmul peak, which moves with the shared machine's load,
-so it is measured again at the start of each round and the median of those is the denominator. The optimizer update alone is timed the same way
-on each side (optax's update jitted with the state donated, over the real parameter tree; torch's clipping +
-AdamW.step() with gradients in place) and given as a share of the step. Both sides share this process, which
+back, so the range is the machine's noise on the ratio). MFU of both sides uses our FLOPs model
+(vlm_jax/train/flops.py) against the peak the Trainer uses; on CPU that is a measured fp32 matmul peak, which
+moves with the shared machine's load, so it is measured again at the start of each round and the median of
+those is the denominator. The optimizer update alone is timed the same way on each side (optax's update
+jitted with the state donated, over the real parameter tree; torch's clipping + AdamW.step() with gradients in
+place) and given as a share of the step. Both sides share this process, which
 starts over with huge pages for host memory as `vlm-jax` does (vlm_jax/host_memory.py;
 GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without). Prints one JSON line, then a table.
 """
