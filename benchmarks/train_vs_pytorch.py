@@ -208,13 +208,12 @@ def main() -> int:
             print(f"step {i + 1} loss: vlm_jax {a:.8f}  transformers {b:.8f}  |diff| {abs(a - b):.2e}", flush=True)
 
         peak = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
-        # A measured CPU peak moves with the machine's load: measure it again in each round, beside the steps
-        # it bills (a configured or vendor peak stays as it is).
-        peak_each_round = peak.source == hardware.MEASURED_CPU_PEAK
+        # A measured peak moves with the machine's load: measure it again in each round, beside the steps it
+        # bills (a configured or vendor peak stays as it is).
         times = {"ours": [], "torch": []}  # per round, its steps' seconds
         round_peaks = []
         for r in range(args.rounds):
-            if peak_each_round:
+            if peak.measured:
                 round_peaks.append(hardware.matmul_peak_now())
             for name, run, batches in (("ours", ours.step, placed), ("torch", theirs.step, torch_inputs)):
                 times[name].append([])
@@ -235,8 +234,8 @@ def main() -> int:
         # The timed steps cycle through the host batches; padded image slots are not billed (see flops.py).
         step_flops = statistics.mean(flops.train_flops(cfg.model, h, ours.plan.trainable) * rows / len(h["input_ids"])
                                      for h in host)
-        if peak_each_round:
-            peak = hardware.Peak(statistics.median(round_peaks), f"{peak.source}, median of one per round")
+        if peak.measured:
+            peak = peak._replace(flops=statistics.median(round_peaks), source=f"{peak.source}, median of one per round")
         n_devices = trainer.mesh.devices.size
         mfu = {k: step_flops / v / (peak.flops * n_devices) if peak.flops else None for k, v in step_s.items()}
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_params))

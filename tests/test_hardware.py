@@ -28,9 +28,9 @@ def test_device_kinds_resolve(kind, peak):
 def test_cpu_peak_is_measured_unless_configured():
     assert jax.devices()[0].platform == "cpu"
     peak = hardware.peak_flops_per_device()
-    assert peak.source == "this CPU's measured fp32 matmul peak" and 1e8 < peak.flops < 1e14
+    assert peak.source == "this CPU's measured fp32 matmul peak" and 1e8 < peak.flops < 1e14 and peak.measured
     assert peak.flops == hardware.peak_flops_per_device().flops  # measured once per process
-    assert hardware.peak_flops_per_device(1e12) == (1e12, "train.peak_flops_per_device")
+    assert hardware.peak_flops_per_device(1e12) == (1e12, "train.peak_flops_per_device", False)
 
 
 def test_an_accelerator_missing_from_the_table_gets_no_peak(monkeypatch):

@@ -31,7 +31,6 @@ PEAK_BF16_FLOPS = {
 # Spellings some runtimes report instead (JAX's own Pallas chip table accepts both).
 KIND_ALIASES = {"TPU v5e": "TPU v5 lite", "TPU v5p": "TPU v5", "TPU v6e": "TPU v6 lite"}
 MATMUL_SIDE = 1024  # the CPU peak: best of a few fp32 (n x n) @ (n x n) products, large enough to be compute-bound
-MEASURED_CPU_PEAK = "this CPU's measured fp32 matmul peak"
 
 
 class TopologyError(UserError):
@@ -68,6 +67,7 @@ def peak_bf16_flops(device_kind: str) -> float | None:
 class Peak(NamedTuple):
     flops: float | None  # per device; None = unknown, so no MFU is reported
     source: str  # what the figure is, for the log line
+    measured: bool = False  # timed on this machine (CPU), so it moves with the machine's load; else a fixed figure
 
 
 _square = jax.jit(lambda x: x @ x)
@@ -99,7 +99,7 @@ def peak_flops_per_device(configured: float = 0.0) -> Peak:
         return Peak(configured, "train.peak_flops_per_device")
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return Peak(measured_matmul_peak(), MEASURED_CPU_PEAK)
+        return Peak(measured_matmul_peak(), "this CPU's measured fp32 matmul peak", measured=True)
     peak = peak_bf16_flops(device.device_kind)
     if peak is None:
         return Peak(None, f"no peak FLOP/s known for device kind '{device.device_kind}': no MFU is reported; set "
