@@ -23,7 +23,9 @@ those is the denominator. The optimizer update alone is timed the same way on ea
 jitted with the state donated, over the real parameter tree; torch's clipping + AdamW.step() with gradients in
 place) and given as a share of the step. Both sides share this process, which
 starts over with huge pages for host memory as `vlm-jax` does (vlm_jax/host_memory.py;
-GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without). Prints one JSON line, then a table.
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures both without); with --hold-freed-memory glibc also keeps what
+either side frees for its next step, so no step page-faults and no first step of a round pays the switch: what
+is left is each side's compute. Prints one JSON line, then a table.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ def export_decay_mask(trainer: Trainer, params, out_dir: str):
     to_hf(trainer.model, opt.unflatten(mask), out_dir)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--rounds", type=int, default=5)
@@ -174,7 +176,13 @@ def main() -> int:
     p.add_argument("--torch-fused", action="store_true", help="torch's fused AdamW (default: its default)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (shapes: train.batch_size=, "
                                                 "train.synthetic.seq_len=, train.synthetic.num_tiles=)")
-    args = p.parse_args()
+    p.add_argument("--hold-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (vlm_jax.host_memory.HOLD_FREED), so neither side's "
+                        "steps page-fault: the comparison of compute alone")
+    return p.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(os.cpu_count() or 1)  # XLA's CPU client uses every core too
 
@@ -261,6 +269,7 @@ def main() -> int:
         print(f"{args.config} {' '.join(args.overrides)}: {n_params:,} parameters, batch {rows} x {seq_len}, "
               f"{step_flops / 1e9:.1f} GFLOP/step; peak {peak.flops / 1e9 if peak.flops else 0:.0f} GFLOP/s "
               f"({peak.source}{spread}); median of {args.rounds} x {args.steps - 1} interleaved steps")
+        print(record["host_memory"])
         print(f"{'':<24}{'s/step':>9}{'MFU':>7}{'optimizer s':>13}{'share':>7}")
         for label, k in (("JAX (vlm_jax)", "ours"), ("PyTorch (transformers)", "torch")):
             print(f"{label:<24}{step_s[k]:>9.3f}{pct(mfu[k]):>7}{opt_s[k]:>13.3f}{pct(opt_s[k] / step_s[k]):>7}")
@@ -272,5 +281,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    host_memory.exec_with_huge_pages()  # as `vlm-jax` runs; both sides share this process's allocator
-    sys.exit(main())
+    args = parse_args()
+    # As `vlm-jax` runs, or holding freed memory; both sides share this process's allocator.
+    host_memory.exec_with_huge_pages(hold_freed=args.hold_freed_memory)
+    sys.exit(main(args))

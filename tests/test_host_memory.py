@@ -23,13 +23,40 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, os.environ.ge
 """
 SMALL_PAGES = (256 << 20) // mmap.PAGESIZE
 
+# A child that, on a worker thread as XLA:CPU runs a step, touches a fresh 256 MiB block, frees it, and
+# touches a second one: the faults of each.
+CHILD_REUSE = """
+import ctypes, resource, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size, faults = 256 << 20, []
+def step():
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    libc.free(block)
+def two_steps():
+    step()
+    step()
+worker = threading.Thread(target=two_steps)
+worker.start()
+worker.join()
+print(*faults)
+"""
 
-def run_child(tunables: str | None) -> tuple[int, str]:
+
+def run(child: str, tunables: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
-    faults, _, seen = out.stdout.strip().partition(" ")
+    return subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def run_child(tunables: str | None) -> tuple[int, str]:
+    faults, _, seen = run(CHILD, tunables).partition(" ")
     return int(faults), seen
 
 
@@ -42,6 +69,29 @@ def test_entry_point_restarts_with_huge_pages_and_faults_far_less():
     assert seen_out == "glibc.malloc.hugetlb=0"  # the user's choice is not overridden
     assert opted_out > 0.9 * SMALL_PAGES
     assert faults < 0.1 * SMALL_PAGES  # 2 MiB pages: 128 faults where 4 KiB pages take 65,536
+
+
+@pytest.mark.skipif(host_memory.glibc_version() is None, reason="the C library is not glibc")
+def test_held_freed_memory_is_reused_without_faults():
+    first, second = map(int, run(CHILD_REUSE, "").split())
+    held_first, held_second = map(int, run(CHILD_REUSE, ":".join(host_memory.HOLD_FREED)).split())
+    assert second > 0.9 * first  # freed back to the kernel: the next block faults in again
+    assert held_second < 0.01 * held_first  # the freed block is handed out again, already resident
+
+
+def test_hold_freed_adds_only_what_the_user_left(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(host_memory, "unavailable", lambda: None)
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    host_memory.exec_with_huge_pages(hold_freed=True)
+    (_, _, env), = calls
+    assert env["GLIBC_TUNABLES"] == ":".join(("glibc.malloc.arena_max=4", "glibc.malloc.hugetlb=1",
+                                              *host_memory.HOLD_FREED[1:]))
+    monkeypatch.setenv("GLIBC_TUNABLES", ":".join(("glibc.malloc.hugetlb=1", *host_memory.HOLD_FREED)))
+    host_memory.exec_with_huge_pages(hold_freed=True)  # all there already: no second start
+    assert len(calls) == 1
 
 
 def test_no_restart_where_unavailable_or_chosen(monkeypatch):
@@ -67,6 +117,8 @@ def test_no_restart_where_unavailable_or_chosen(monkeypatch):
     ("madvise", (2, 31), "", "glibc 2.31 predates glibc.malloc.hugetlb (2.35)"),
     ("never", (2, 36), "", "transparent huge page mode is 'never'"),
     ("always", (2, 36), "", "transparent huge pages (the kernel's mode is 'always')"),
+    ("madvise", (2, 36), ":".join(("glibc.malloc.hugetlb=1", *host_memory.HOLD_FREED)),
+     "glibc asks for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1); freed memory held for reuse"),
 ])
 def test_describe_says_which_pages_and_why(monkeypatch, mode, glibc, tunables, expected):
     monkeypatch.setattr(host_memory, "kernel_mode", lambda: mode)

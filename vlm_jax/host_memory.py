@@ -7,6 +7,12 @@ kernel to back its mappings with 2 MiB pages (madvise), which takes that to ~1k 
 (README, "The CPU step against PyTorch"). Entry points that train (`vlm-jax`, the demo, the training
 benchmarks) re-execute themselves once with the tunable added; a user's own setting of it is kept
 (glibc.malloc.hugetlb=0 opts out).
+
+Huge pages still come fresh from the kernel, zeroed, on every step (~0.2-0.3 s of kernel time a step).
+`HOLD_FREED` makes glibc keep freed memory for the next step instead: the step then faults nothing, at the price
+of a resident size that never shrinks (README, "Host memory: freed memory held"). It is a choice for CPU
+training runs, not a default: on an accelerator host it would also keep every host buffer a checkpoint save or
+the input pipeline ever freed.
 """
 from __future__ import annotations
 
@@ -19,6 +25,10 @@ TUNABLE = "glibc.malloc.hugetlb"
 FIRST_GLIBC = (2, 35)  # the release that added the tunable
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 BASE_PAGES = f"{mmap.PAGESIZE >> 10} KiB pages"
+# One arena: a thread's own arena maps any block over its 64 MiB heap afresh whatever mmap_max says, and XLA:CPU
+# allocates a step's temporaries (one block of ~0.8 GB for mllama_100m at 2 x 128) on its worker threads. No
+# mmap, so large blocks come from the one heap; no trimming, so a freed block stays there for the next step.
+HOLD_FREED = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}")
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -40,10 +50,20 @@ def kernel_mode() -> str | None:
     return selected.group(1) if selected else None
 
 
+def tunable_values(tunables: str) -> dict[str, str]:
+    """GLIBC_TUNABLES (colon-separated name=value pairs) as a dict."""
+    return dict(pair.split("=", 1) for pair in tunables.split(":") if "=" in pair)
+
+
 def requested(tunables: str) -> str | None:
-    """The value GLIBC_TUNABLES (colon-separated name=value pairs) gives glibc.malloc.hugetlb, or None."""
-    values = dict(pair.split("=", 1) for pair in tunables.split(":") if "=" in pair)
-    return values.get(TUNABLE)
+    """The value GLIBC_TUNABLES gives glibc.malloc.hugetlb, or None."""
+    return tunable_values(tunables).get(TUNABLE)
+
+
+def holds_freed(tunables: str) -> bool:
+    """Whether GLIBC_TUNABLES sets every tunable of `HOLD_FREED` to its value there."""
+    values = tunable_values(tunables)
+    return all(values.get(name) == value for name, value in (t.split("=") for t in HOLD_FREED))
 
 
 def unavailable() -> str | None:
@@ -62,22 +82,34 @@ def unavailable() -> str | None:
     return None
 
 
-def exec_with_huge_pages():
+def exec_with_huge_pages(hold_freed: bool = False):
     """Re-executes this process (same pid, command line and environment) with glibc.malloc.hugetlb=1 added to
-    GLIBC_TUNABLES, unless the user set that tunable or `unavailable()`. Call it first in an entry point, before
-    anything is imported or written: the process starts over."""
+    GLIBC_TUNABLES, unless the user set that tunable or `unavailable()`, and with `hold_freed` the tunables of
+    `HOLD_FREED` the user did not set (where the C library is glibc). Call it first in an entry point, before
+    anything is written: the process starts over."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if requested(tunables) is not None or unavailable():
+    chosen = tunable_values(tunables)
+    added = [f"{TUNABLE}=1"] if TUNABLE not in chosen and not unavailable() else []
+    if hold_freed and glibc_version() is not None:
+        added += [t for t in HOLD_FREED if t.split("=")[0] not in chosen]
+    if not added:
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, f"{TUNABLE}=1"))))
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, *added))))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
 
 
 def describe() -> str:
-    """One line for a run's log: the pages this process's host memory gets, and how to change that."""
-    value, reason = requested(os.environ.get("GLIBC_TUNABLES", "")), unavailable()
+    """One line for a run's log: the pages this process's host memory gets, how to change that, and whether
+    freed memory is held (`HOLD_FREED`)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    held = f"; freed memory held for reuse ({', '.join(HOLD_FREED)})" if holds_freed(tunables) else ""
+    return _pages(tunables) + held
+
+
+def _pages(tunables: str) -> str:
+    value, reason = requested(tunables), unavailable()
     if kernel_mode() == "always":
         return "host memory: transparent huge pages (the kernel's mode is 'always')"
     if reason:
