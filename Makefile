@@ -28,6 +28,8 @@ bench: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/data_loader.py --seconds 6
 	JAX_PLATFORMS=cpu $(PY) benchmarks/train_vs_pytorch.py --config configs/models/mllama_100m.yaml \
 	    train.batch_size=2 train.synthetic.seq_len=128 train.synthetic.num_tiles=4 model.scan_layers=false
+	JAX_PLATFORMS=cpu $(PY) benchmarks/train_vs_pytorch.py --hold-freed-memory --config configs/models/mllama_100m.yaml \
+	    train.batch_size=2 train.synthetic.seq_len=128 train.synthetic.num_tiles=4 model.scan_layers=false
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
