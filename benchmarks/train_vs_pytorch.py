@@ -183,6 +183,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.hold_freed_memory and not host_memory.holds_freed(tunables):  # not glibc, or the user's own values
+        sys.exit(f"--hold-freed-memory: glibc with GLIBC_TUNABLES {':'.join(host_memory.HOLD_FREED)} is needed; "
+                 f"this process has {tunables!r}")
     import torch
     torch.set_num_threads(os.cpu_count() or 1)  # XLA's CPU client uses every core too
 

@@ -62,8 +62,7 @@ def requested(tunables: str) -> str | None:
 
 def holds_freed(tunables: str) -> bool:
     """Whether GLIBC_TUNABLES sets every tunable of `HOLD_FREED` to its value there."""
-    values = tunable_values(tunables)
-    return all(values.get(name) == value for name, value in (t.split("=") for t in HOLD_FREED))
+    return tunable_values(":".join(HOLD_FREED)).items() <= tunable_values(tunables).items()
 
 
 def unavailable() -> str | None:
